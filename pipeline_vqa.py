@@ -1,0 +1,302 @@
+"""The ``visual-med-alpaca`` pipeline: image + question -> visual expert -> Alpaca prompt -> answer.
+
+Remote code: copied into the published Hub repository and imported by ``trust_remote_code``.
+
+    >>> from transformers import pipeline
+    >>> vqa = pipeline(model="org/visual-med-alpaca", trust_remote_code=True, device_map="auto")
+    >>> vqa({"image": "chest.png", "question": "What abnormality is seen?"})
+    {'answer': ..., 'expert': 'radiology', 'intermediate_text': ..., 'disclaimer': ..., 'warnings': [...]}
+    >>> vqa({"question": "What are the chemicals that treat hair loss?"})           # no image
+    >>> vqa([{"image": a, "question": q1}, {"image": b, "question": q2}], batch_size=8)
+
+Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart"`` or ``None``),
+``intermediate_text`` (exactly the caption/table the language model was given), ``prompt`` (with
+``return_prompt=True``), ``disclaimer`` and ``warnings``.
+
+Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
+pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
+left padding, so the greedy answers of a batch equal those computed one at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, Pipeline
+
+try:
+    from .medical_image import LoadedImage, load_image
+    from .modeling_visual_med_alpaca import (
+        DISCLAIMER,
+        EXPERT_CHART,
+        EXPERT_RADIOLOGY,
+        EXPERTS,
+        ExpertUnavailableError,
+        InputError,
+        InvalidImageError,
+        MissingQuestionError,
+        UnknownParameterError,
+        build_inference_prompt,
+        neutralize_template_markers,
+    )
+except ImportError:  # imported from a checkout as a top-level module
+    from medical_image import LoadedImage, load_image
+    from modeling_visual_med_alpaca import (
+        DISCLAIMER,
+        EXPERT_CHART,
+        EXPERT_RADIOLOGY,
+        EXPERTS,
+        ExpertUnavailableError,
+        InputError,
+        InvalidImageError,
+        MissingQuestionError,
+        UnknownParameterError,
+        build_inference_prompt,
+        neutralize_template_markers,
+    )
+
+TASK = "visual-med-alpaca"
+INPUT_KEYS = frozenset({"image", "question", "expert"})
+# Keywords of GenerationConfig that a caller may set for the answer.
+GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_")) - {
+    "transformers_version",
+}
+CHART_FALLBACK_WARNING = (
+    "This bundle has no chart reader (DePlot): the chart was described by the radiology captioner instead."
+)
+
+
+class VisualMedAlpacaPipeline(Pipeline):
+    """Visual question answering for biomedical images (Med-GIT / DePlot experts + Med-Alpaca)."""
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+    # Generation is driven by _forward itself (two models, two generate calls).
+    _pipeline_calls_generate = False
+
+    def __init__(self, *args, captioner_processor=None, chart_processor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None:
+            raise InputError("The pipeline needs the language model's tokenizer (saved at the bundle root).")
+        # Generation with a batch of prompts needs left padding so every answer starts at the same column.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        processors = self.model.load_expert_processors() if captioner_processor is None else {}
+        self.captioner_processor = captioner_processor or processors.get(EXPERT_RADIOLOGY)
+        self.chart_processor = chart_processor or processors.get(EXPERT_CHART)
+
+    # ------------------------------------------------------------------ parameters
+
+    def _sanitize_parameters(
+        self,
+        expert: str | None = None,
+        return_prompt: bool | None = None,
+        generate_kwargs: dict | None = None,
+        caption_generate_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        preprocess_params: dict[str, Any] = {}
+        forward_params: dict[str, Any] = {}
+        postprocess_params: dict[str, Any] = {}
+
+        if expert is not None:
+            if expert not in EXPERTS and expert != "none":
+                raise UnknownParameterError(f"expert must be one of {', '.join(EXPERTS)} or 'none'.")
+            preprocess_params["expert"] = expert
+        if return_prompt is not None:
+            postprocess_params["return_prompt"] = bool(return_prompt)
+
+        unknown = sorted(set(kwargs) - GENERATION_KEYS)
+        if unknown:
+            raise UnknownParameterError(
+                f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, generate_kwargs, "
+                "caption_generate_kwargs, and GenerationConfig keywords such as max_new_tokens or num_beams. "
+                "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
+            )
+        answer_kwargs = dict(generate_kwargs or {})
+        conflicts = sorted(set(kwargs) & set(answer_kwargs))
+        if conflicts:
+            raise UnknownParameterError(
+                f"Parameter(s) {', '.join(conflicts)} given both directly and in generate_kwargs; give each once."
+            )
+        answer_kwargs.update(kwargs)
+        bad = sorted(set(answer_kwargs) - GENERATION_KEYS)
+        if bad:
+            raise UnknownParameterError(f"generate_kwargs holds unknown generation parameter(s): {', '.join(bad)}.")
+        if answer_kwargs:
+            forward_params["generate_kwargs"] = answer_kwargs
+        if caption_generate_kwargs:
+            bad = sorted(set(caption_generate_kwargs) - GENERATION_KEYS)
+            if bad:
+                raise UnknownParameterError(f"caption_generate_kwargs holds unknown parameter(s): {', '.join(bad)}.")
+            forward_params["caption_generate_kwargs"] = dict(caption_generate_kwargs)
+        return preprocess_params, forward_params, postprocess_params
+
+    # ------------------------------------------------------------------ entry point
+
+    def __call__(self, inputs=None, **kwargs):
+        """Answer one request (dict), or a list of them; a plain string is a text-only question."""
+        if inputs is None and "question" in kwargs:
+            inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                return []
+            inputs = [_normalise_request(item) for item in inputs]
+        else:
+            inputs = _normalise_request(inputs)
+        return super().__call__(inputs, **kwargs)
+
+    # ------------------------------------------------------------------ stages
+
+    def preprocess(self, request: dict, expert: str | None = None) -> dict:
+        warnings: list[str] = []
+        question, changed = neutralize_template_markers(request["question"].strip())
+        if changed:
+            warnings.append("Prompt-template markers in the question were neutralised.")
+        requested = request.get("expert") or expert
+        image_features = None
+        chosen = None
+        if request.get("image") is not None and requested != "none":
+            loaded: LoadedImage = load_image(request["image"])
+            warnings.extend(loaded.warnings)
+            chosen = requested or EXPERT_RADIOLOGY
+            if chosen == EXPERT_CHART and self.chart_processor is None:
+                warnings.append(CHART_FALLBACK_WARNING)
+                chosen = EXPERT_RADIOLOGY
+            if chosen == EXPERT_RADIOLOGY:
+                pixel_values = self.captioner_processor(images=loaded.image, return_tensors="pt").pixel_values
+                image_features = {"pixel_values": pixel_values}
+            else:
+                patches = self.chart_processor(
+                    images=loaded.image,
+                    return_tensors="pt",
+                    max_patches=self.model.config.chart_max_patches,
+                )
+                image_features = {
+                    "flattened_patches": patches["flattened_patches"],
+                    "attention_mask": patches["attention_mask"],
+                }
+        elif request.get("image") is None and requested in EXPERTS:
+            warnings.append(f"expert={requested!r} was requested but no image was given; answered without one.")
+        # Values are plain Python / dicts so the default collate passes them through as lists.
+        return {"question": question, "expert": chosen, "image_features": image_features, "warnings": warnings}
+
+    def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None) -> dict:
+        batched = isinstance(model_inputs["question"], list)
+        questions = model_inputs["question"] if batched else [model_inputs["question"]]
+        experts = model_inputs["expert"] if batched else [model_inputs["expert"]]
+        features = model_inputs["image_features"] if batched else [model_inputs["image_features"]]
+        warnings = [list(w) for w in (model_inputs["warnings"] if batched else [model_inputs["warnings"]])]
+
+        intermediate_texts: list[str | None] = [None] * len(questions)
+        for expert_name in EXPERTS:
+            indices = [i for i, name in enumerate(experts) if name == expert_name]
+            if not indices:
+                continue
+            texts = self._run_expert(expert_name, [features[i] for i in indices], caption_generate_kwargs or {})
+            for i, text in zip(indices, texts, strict=True):
+                cleaned, changed = neutralize_template_markers(text.strip())
+                if changed:
+                    warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
+                intermediate_texts[i] = cleaned
+
+        prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        too_long = int(encoded["attention_mask"].sum(dim=1).max())
+        if too_long > self.model.config.max_prompt_tokens:
+            raise InputError(
+                f"The prompt is {too_long} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
+                "Shorten the question."
+            )
+        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **(generate_kwargs or {})}
+        if self.tokenizer.eos_token_id is not None:
+            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        answer_ids = self.model.generate_answer(encoded["input_ids"], encoded["attention_mask"], **answer_kwargs)
+        answers = self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+        outputs = {
+            "answer": [a.strip() for a in answers],
+            "expert": experts,
+            "intermediate_text": intermediate_texts,
+            "prompt": prompts,
+            "warnings": warnings,
+        }
+        if not batched:
+            return {key: value[0] for key, value in outputs.items()}
+        return outputs
+
+    def _run_expert(self, expert_name: str, features: list[dict], generate_kwargs: dict) -> list[str]:
+        if expert_name == EXPERT_RADIOLOGY:
+            pixel_values = torch.cat([f["pixel_values"] for f in features], dim=0)
+            ids = self.model.caption_images(pixel_values, **generate_kwargs)
+            return self.captioner_processor.batch_decode(ids, skip_special_tokens=True)
+        if self.chart_processor is None:
+            raise ExpertUnavailableError("This bundle has no chart reader; use expert='radiology'.")
+        patches = torch.cat([f["flattened_patches"] for f in features], dim=0)
+        mask = torch.cat([f["attention_mask"] for f in features], dim=0)
+        ids = self.model.read_charts(patches, mask, **generate_kwargs)
+        return self.chart_processor.batch_decode(ids, skip_special_tokens=True)
+
+    def postprocess(self, model_outputs: dict, return_prompt: bool = False) -> dict:
+        record = {
+            "answer": model_outputs["answer"],
+            "expert": model_outputs["expert"],
+            "intermediate_text": model_outputs["intermediate_text"],
+            "disclaimer": DISCLAIMER,
+            "warnings": list(model_outputs["warnings"]),
+        }
+        if return_prompt:
+            record["prompt"] = model_outputs["prompt"]
+        return record
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save model, tokenizer, remote code and ``custom_pipelines``, plus the experts' processors.
+
+        ``Pipeline.save_pretrained`` alone does not save multi-part processors; they go to the
+        ``captioner/`` and ``chart_reader/`` subfolders that ``load_expert_processors`` reads.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        self.model.save_expert_processors(
+            save_directory, captioner_processor=self.captioner_processor, chart_processor=self.chart_processor
+        )
+
+
+def register_pipeline() -> None:
+    """Register the task so ``save_pretrained`` writes ``custom_pipelines`` into ``config.json``."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=VisualMedAlpacaPipeline, pt_model=AutoModel)
+
+
+def _normalise_request(request) -> dict:
+    """Validate one request; errors name the problem, never the payload."""
+    if isinstance(request, str):
+        request = {"question": request}
+    if not isinstance(request, dict):
+        raise InputError(
+            f"Each input must be a dict with a 'question' (and optionally an 'image'), not {type(request).__name__}."
+        )
+    unknown = sorted(set(request) - INPUT_KEYS)
+    if unknown:
+        raise UnknownParameterError(
+            f"Unknown input key(s): {', '.join(unknown)}. Accepted keys: {', '.join(sorted(INPUT_KEYS))}."
+        )
+    question = request.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise MissingQuestionError("Each input needs a non-empty 'question' string.")
+    expert = request.get("expert")
+    if expert is not None and expert not in EXPERTS and expert != "none":
+        raise UnknownParameterError(f"expert must be one of {', '.join(EXPERTS)} or 'none'.")
+    image = request.get("image")
+    if isinstance(image, str) and not image.strip():
+        raise InvalidImageError("The 'image' string is empty; pass a path, bytes, or leave 'image' out.")
+    return {"question": question, "image": image, "expert": expert}
+
+
+__all__ = ["TASK", "VisualMedAlpacaPipeline", "register_pipeline"]

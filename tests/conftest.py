@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny bundle of the real architectures per test session, saved to disk."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+VQA_RAD_IMAGES = REPO_ROOT / "data" / "vqa_rad_dev" / "images"
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """(model, llama_tokenizer, git_processor, chart_processor) — built once, never mutated by tests."""
+    from tiny_bundle import build_bundle
+
+    return build_bundle(seed=0)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_parts, tmp_path_factory):
+    from tiny_bundle import save_bundle
+
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "visual-med-alpaca", *tiny_parts)
+
+
+@pytest.fixture(scope="session")
+def vqa(bundle_dir):
+    """The pipeline loaded the way users load it: by folder, through trust_remote_code."""
+    from transformers import pipeline
+
+    return pipeline(model=str(bundle_dir), trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def radiology_images():
+    """Real VQA-RAD images shipped in the repository (public domain)."""
+    return sorted(VQA_RAD_IMAGES.glob("*.jpg"))[:4]

@@ -1,0 +1,252 @@
+"""Tiny models of the real architectures, built in process: the one place the test kit lives.
+
+No Hub, no downloads. Tokenizers are trained in process on the repository's real ROCO captions:
+a WordPiece tokenizer for GIT (lower-cased, BERT special tokens, no ``token_type_ids``) and a
+byte-level BPE tokenizer for LLaMA (``<s>``, ``</s>``, ``<unk>``, ``<pad>``, and a chat template so
+the merged LM can be served by OpenAI-compatible servers). Tests, the demo and the benchmarks call
+``build_bundle`` / ``save_bundle``; the sizes are parameters so benchmarks can build larger models.
+
+    python tiny_bundle.py OUTPUT_DIR [--with-chart-reader]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+from pathlib import Path
+
+import torch
+
+from modeling_visual_med_alpaca import PROMPT_TEMPLATES, VisualMedAlpacaConfig, VisualMedAlpacaModel
+
+REPO_ROOT = Path(__file__).resolve().parent
+ROCO_CAPTIONS_CSV = REPO_ROOT / "data" / "roco" / "roco_val_captions.csv"
+VQA_RAD_DIR = REPO_ROOT / "data" / "vqa_rad_dev"
+
+# Role-play chat template for the merged language model: turns become the Alpaca no-image prompt.
+ALPACA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{{ message['content'] }}\n\n### Response:\n"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def roco_captions(limit: int | None = None) -> tuple[str, ...]:
+    """Real ROCO captions, stripped of the spaces/newlines the CSV wraps them in."""
+    with ROCO_CAPTIONS_CSV.open(newline="", encoding="utf-8") as handle:
+        captions = [row["caption"].strip() for row in csv.DictReader(handle)]
+    captions = [c for c in captions if c]
+    return tuple(captions[:limit] if limit else captions)
+
+
+def _training_corpus() -> list[str]:
+    templates = [t.format(question="", image_caption="", instruction="", input="") for t in PROMPT_TEMPLATES.values()]
+    return templates * 20 + list(roco_captions())
+
+
+def build_git_processor(image_size: int = 32, vocab_size: int = 1000):
+    """GitProcessor = a WordPiece BertTokenizer trained on ROCO captions + a CLIP image processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer, CLIPImageProcessor, GitProcessor
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(
+        roco_captions(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special), length=None
+    )
+    vocab = backend.get_vocab()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    backend.decoder = decoders.WordPiece()
+    # GIT must not receive token_type_ids (DESIGN.md §4).
+    tokenizer = BertTokenizer(vocab=vocab, model_input_names=["input_ids", "attention_mask"])
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return GitProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_llama_tokenizer(vocab_size: int = 1000):
+    """Byte-level BPE trained on the prompt templates and ROCO captions, with a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        _training_corpus(),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_pix2struct_processor(vocab_size: int = 300, patch_size: int = 16):
+    """Pix2StructProcessor (DePlot layout) with a small in-process tokenizer; ``is_vqa=False``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Pix2StructImageProcessor, Pix2StructProcessor, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(
+        ["TITLE | year | value <0x0A> 2019 | 12.5 <0x0A> 2020 | 13.1"] * 10 + list(roco_captions(500)),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    from tokenizers import decoders
+
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    image_processor = Pix2StructImageProcessor(is_vqa=False, patch_size={"height": patch_size, "width": patch_size})
+    return Pix2StructProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_config(
+    git_processor,
+    llama_tokenizer,
+    chart_processor=None,
+    *,
+    git_hidden: int = 32,
+    git_layers: int = 2,
+    image_size: int = 32,
+    llama_hidden: int = 64,
+    llama_layers: int = 2,
+    llama_heads: int = 4,
+    max_positions: int = 2048,
+) -> VisualMedAlpacaConfig:
+    from transformers import GitConfig, LlamaConfig, Pix2StructConfig
+
+    git_tokenizer = git_processor.tokenizer
+    captioner_config = GitConfig(
+        vision_config={
+            "hidden_size": git_hidden,
+            "intermediate_size": git_hidden * 2,
+            "num_hidden_layers": git_layers,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": max(image_size // 8, 4),
+            "num_channels": 3,
+        },
+        vocab_size=len(git_tokenizer),
+        hidden_size=git_hidden,
+        num_hidden_layers=git_layers,
+        num_attention_heads=4,
+        intermediate_size=git_hidden * 2,
+        max_position_embeddings=128,
+        pad_token_id=git_tokenizer.pad_token_id,
+        bos_token_id=git_tokenizer.cls_token_id,
+        eos_token_id=git_tokenizer.sep_token_id,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(llama_tokenizer),
+        hidden_size=llama_hidden,
+        intermediate_size=llama_hidden * 2,
+        num_hidden_layers=llama_layers,
+        num_attention_heads=llama_heads,
+        num_key_value_heads=llama_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=llama_tokenizer.pad_token_id,
+        bos_token_id=llama_tokenizer.bos_token_id,
+        eos_token_id=llama_tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    chart_config = None
+    if chart_processor is not None:
+        chart_tokenizer = chart_processor.tokenizer
+        chart_config = Pix2StructConfig(
+            vision_config={
+                "hidden_size": 32,
+                "patch_embed_hidden_size": 32,
+                "d_ff": 64,
+                "d_kv": 8,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "patch_size": 16,
+            },
+            text_config={
+                "vocab_size": len(chart_tokenizer),
+                "hidden_size": 32,
+                "d_ff": 64,
+                "d_kv": 8,
+                "num_layers": 2,
+                "num_heads": 4,
+                "pad_token_id": chart_tokenizer.pad_token_id,
+                "eos_token_id": chart_tokenizer.eos_token_id,
+                "decoder_start_token_id": chart_tokenizer.pad_token_id,
+            },
+            is_vqa=False,
+        )
+    return VisualMedAlpacaConfig(
+        captioner_config=captioner_config,
+        text_config=text_config,
+        chart_config=chart_config,
+        caption_max_new_tokens=12,
+        chart_max_new_tokens=16,
+        chart_max_patches=64,
+        answer_max_new_tokens=16,
+        max_prompt_tokens=max_positions - 64,
+    )
+
+
+def build_bundle(seed: int = 0, with_chart_reader: bool = False, **sizes):
+    """A tiny, randomly initialised bundle: ``(model, llama_tokenizer, git_processor, chart_processor)``."""
+    git_processor = build_git_processor(image_size=sizes.get("image_size", 32))
+    llama_tokenizer = build_llama_tokenizer()
+    chart_processor = build_pix2struct_processor() if with_chart_reader else None
+    config = build_config(git_processor, llama_tokenizer, chart_processor, **sizes)
+    torch.manual_seed(seed)
+    model = VisualMedAlpacaModel(config).eval()
+    return model, llama_tokenizer, git_processor, chart_processor
+
+
+def save_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor=None) -> Path:
+    """Save a loadable bundle: weights, config with ``auto_map``/``custom_pipelines``, remote code, processors."""
+    from pipeline_vqa import VisualMedAlpacaPipeline, register_pipeline
+
+    register_pipeline()
+    pipe = VisualMedAlpacaPipeline(
+        model=model,
+        tokenizer=llama_tokenizer,
+        captioner_processor=git_processor,
+        chart_processor=chart_processor,
+        task="visual-med-alpaca",
+        device=-1,
+    )
+    pipe.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir")
+    parser.add_argument("--with-chart-reader", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    parts = build_bundle(seed=args.seed, with_chart_reader=args.with_chart_reader)
+    print(f"Tiny bundle saved to {save_bundle(args.output_dir, *parts)}")
+
+
+if __name__ == "__main__":
+    main()
