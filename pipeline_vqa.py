@@ -192,33 +192,11 @@ class VisualMedAlpacaPipeline(Pipeline):
         features = model_inputs["image_features"] if batched else [model_inputs["image_features"]]
         warnings = [list(w) for w in (model_inputs["warnings"] if batched else [model_inputs["warnings"]])]
 
-        intermediate_texts: list[str | None] = [None] * len(questions)
-        for expert_name in EXPERTS:
-            indices = [i for i, name in enumerate(experts) if name == expert_name]
-            if not indices:
-                continue
-            texts = self._run_expert(expert_name, [features[i] for i in indices], caption_generate_kwargs or {})
-            for i, text in zip(indices, texts, strict=True):
-                cleaned, changed = neutralize_template_markers(text.strip())
-                if changed:
-                    warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
-                intermediate_texts[i] = cleaned
-
+        intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
         prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        too_long = int(encoded["attention_mask"].sum(dim=1).max())
-        if too_long > self.model.config.max_prompt_tokens:
-            raise InputError(
-                f"The prompt is {too_long} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
-                "Shorten the question."
-            )
-        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **(generate_kwargs or {})}
-        if self.tokenizer.eos_token_id is not None:
-            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        answer_ids = self.model.generate_answer(encoded["input_ids"], encoded["attention_mask"], **answer_kwargs)
-        answers = self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+        answers = self._answer(prompts, generate_kwargs or {})
         outputs = {
-            "answer": [a.strip() for a in answers],
+            "answer": answers,
             "expert": experts,
             "intermediate_text": intermediate_texts,
             "prompt": prompts,
@@ -227,6 +205,38 @@ class VisualMedAlpacaPipeline(Pipeline):
         if not batched:
             return {key: value[0] for key, value in outputs.items()}
         return outputs
+
+    def _intermediate_texts(
+        self, experts: list, features: list, warnings: list[list[str]], generate_kwargs: dict
+    ) -> list[str | None]:
+        """Visual-expert stage: one batched run per expert; texts come back in input order."""
+        intermediate_texts: list[str | None] = [None] * len(experts)
+        for expert_name in EXPERTS:
+            indices = [i for i, name in enumerate(experts) if name == expert_name]
+            if not indices:
+                continue
+            texts = self._run_expert(expert_name, [features[i] for i in indices], generate_kwargs)
+            for i, text in zip(indices, texts, strict=True):
+                cleaned, changed = neutralize_template_markers(text.strip())
+                if changed:
+                    warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
+                intermediate_texts[i] = cleaned
+        return intermediate_texts
+
+    def _answer(self, prompts: list[str], generate_kwargs: dict) -> list[str]:
+        """Language-model stage: left-padded batched greedy/sampled generation of the answers."""
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        too_long = int(encoded["attention_mask"].sum(dim=1).max())
+        if too_long > self.model.config.max_prompt_tokens:
+            raise InputError(
+                f"The prompt is {too_long} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
+                "Shorten the question."
+            )
+        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
+        if self.tokenizer.eos_token_id is not None:
+            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        answer_ids = self.model.generate_answer(encoded["input_ids"], encoded["attention_mask"], **answer_kwargs)
+        return [answer.strip() for answer in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
 
     def _run_expert(self, expert_name: str, features: list[dict], generate_kwargs: dict) -> list[str]:
         if expert_name == EXPERT_RADIOLOGY:
