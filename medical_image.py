@@ -172,7 +172,11 @@ def load_image(
             raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.") from None
         except (OSError, SyntaxError, ValueError):
             raise InvalidImageError("The image data is truncated or corrupt.") from None
-    return LoadedImage(image=image, source_format=source_format)
+    return LoadedImage(
+        image=image,
+        source_format=source_format,
+        metadata={"format": source_format, "width": image.width, "height": image.height},
+    )
 
 
 __all__ = ["ALLOWED_FORMATS", "LoadedImage", "load_image"]

@@ -10,8 +10,9 @@ Remote code: copied into the published Hub repository and imported by ``trust_re
     >>> vqa([{"image": a, "question": q1}, {"image": b, "question": q2}], batch_size=8)
 
 Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart"`` or ``None``),
-``intermediate_text`` (exactly the caption/table the language model was given), ``prompt`` (with
-``return_prompt=True``), ``disclaimer`` and ``warnings``.
+``intermediate_text`` (exactly the caption/table the language model was given), ``image_metadata``
+(technical fields of the image only — never patient identity), ``prompt`` (with ``return_prompt=True``),
+``disclaimer`` and ``warnings``.
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
@@ -160,9 +161,11 @@ class VisualMedAlpacaPipeline(Pipeline):
         requested = request.get("expert") or expert
         image_features = None
         chosen = None
+        image_metadata: dict = {}
         if request.get("image") is not None and requested != "none":
             loaded: LoadedImage = load_image(request["image"])
             warnings.extend(loaded.warnings)
+            image_metadata = dict(loaded.metadata)
             chosen = requested or EXPERT_RADIOLOGY
             if chosen == EXPERT_CHART and self.chart_processor is None:
                 warnings.append(CHART_FALLBACK_WARNING)
@@ -183,7 +186,13 @@ class VisualMedAlpacaPipeline(Pipeline):
         elif request.get("image") is None and requested in EXPERTS:
             warnings.append(f"expert={requested!r} was requested but no image was given; answered without one.")
         # Values are plain Python / dicts so the default collate passes them through as lists.
-        return {"question": question, "expert": chosen, "image_features": image_features, "warnings": warnings}
+        return {
+            "question": question,
+            "expert": chosen,
+            "image_features": image_features,
+            "image_metadata": image_metadata,
+            "warnings": warnings,
+        }
 
     def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None) -> dict:
         batched = isinstance(model_inputs["question"], list)
@@ -198,6 +207,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         outputs = {
             "answer": answers,
             "expert": experts,
+            "image_metadata": model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]],
             "intermediate_text": intermediate_texts,
             "prompt": prompts,
             "warnings": warnings,
@@ -255,6 +265,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "answer": model_outputs["answer"],
             "expert": model_outputs["expert"],
             "intermediate_text": model_outputs["intermediate_text"],
+            "image_metadata": model_outputs["image_metadata"],
             "disclaimer": DISCLAIMER,
             "warnings": list(model_outputs["warnings"]),
         }
