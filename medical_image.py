@@ -41,6 +41,9 @@ class LoadedImage:
     metadata: dict = field(default_factory=dict)  # technical fields only, never identity
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.metadata = {"width": self.image.width, "height": self.image.height, **self.metadata}
+
     @property
     def is_dicom(self) -> bool:
         return self.source_format == "DICOM"
@@ -172,11 +175,7 @@ def load_image(
             raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.") from None
         except (OSError, SyntaxError, ValueError):
             raise InvalidImageError("The image data is truncated or corrupt.") from None
-    return LoadedImage(
-        image=image,
-        source_format=source_format,
-        metadata={"format": source_format, "width": image.width, "height": image.height},
-    )
+    return LoadedImage(image=image, source_format=source_format)
 
 
 __all__ = ["ALLOWED_FORMATS", "LoadedImage", "load_image"]
