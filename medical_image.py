@@ -2,11 +2,32 @@
 
 Remote code (imported relatively by ``pipeline_vqa.py``): installed packages only.
 
-Accepted sources: a filesystem path, raw bytes, a binary file-like object, a ``PIL.Image``, a numpy
-array (2-D grayscale or H x W x 3), and base64 / ``data:`` URI strings. The format is decided by
-content, never by file extension, against an allowlist. Byte and pixel caps are checked before any
-decoding. Errors are typed (see ``modeling_visual_med_alpaca``) and never contain payload bytes or
-image metadata.
+Sources: a filesystem path, raw bytes, a binary file-like object, a ``PIL.Image``, a numpy array (2-D
+grayscale or H x W x 3/4), base64 and ``data:`` URI strings. URLs are refused unless the caller opts in
+(``allow_urls=True``, meant for a CLI; a server must not fetch arbitrary addresses), and then they are
+fetched with a total time limit and the byte cap.
+
+Formats are decided by content, never by name: DICOM Part 10 files (``DICM`` at byte 128) and the 2-D
+formats in ``ALLOWED_FORMATS``. Byte and pixel caps are checked before any decoding; Pillow's
+decompression-bomb warning is an error.
+
+2-D images: 16-bit, 32-bit and float grayscale is rescaled to 8 bits with a percentile window (not
+clipped); transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is composited on
+``DEFAULT_BACKGROUND`` (white: transparent PNGs are mostly figures and charts); CMYK, 1-bit, L and other
+modes become RGB; EXIF orientation is applied (a malformed EXIF block keeps the stored orientation and
+adds a warning).
+
+DICOM (pydicom's own functions): Modality LUT / rescale -> VOI LUT, or the first window of the header, or
+a percentile window when there is none -> MONOCHROME1 inverted after the VOI step -> 8-bit RGB. Colour
+(RGB, YBR_*, PALETTE COLOR) is converted to RGB. One frame of a multi-frame object is decoded (the middle
+one unless ``frame`` says otherwise). The header's geometry is checked against the caps before decoding.
+
+Privacy: only the technical fields in ``DICOM_METADATA_FIELDS`` (and the window actually applied) reach
+``LoadedImage.metadata``; anything that could identify a patient (names, IDs, dates, institutions,
+physicians, descriptions, comments, private tags) is never read into a record, prompt, warning, log line
+or exception. pydicom's own warnings and log records are silenced while a DICOM file is read (they can
+quote element values), and exceptions raised by Pillow or pydicom are replaced by typed
+``ImageInputError``\\ s without a chained cause (their messages can quote header values or payload bytes).
 """
 
 from __future__ import annotations
@@ -14,22 +35,88 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
+import math
 import os
+import re
+import threading
+import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.filereader import data_element_generator
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 try:
-    from .modeling_visual_med_alpaca import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+    from .modeling_visual_med_alpaca import (
+        DicomDecoderMissingError,
+        ImageInputError,
+        ImageTooLargeError,
+        ImageURLNotAllowedError,
+        InvalidImageError,
+        UnsupportedImageFormatError,
+    )
 except ImportError:  # imported from a checkout as a top-level module
-    from modeling_visual_med_alpaca import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+    from modeling_visual_med_alpaca import (
+        DicomDecoderMissingError,
+        ImageInputError,
+        ImageTooLargeError,
+        ImageURLNotAllowedError,
+        InvalidImageError,
+        UnsupportedImageFormatError,
+    )
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
-# Formats accepted by content (Pillow's format names).
-ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+# A DICOM header's declared pixel data (rows x columns x frames x samples x bits), checked before decoding.
+DEFAULT_MAX_DECODED_BYTES = 1024 * 1024 * 1024
+DEFAULT_URL_TIMEOUT_S = 10.0
+# Transparent pixels are composited on white: transparent PNGs are mostly figures and charts, whose dark
+# strokes would vanish on black. Pass ``background=(0, 0, 0)`` for radiology crops with alpha.
+DEFAULT_BACKGROUND = (255, 255, 255)
+# 2-D formats accepted by content (Pillow's format names; MPO is the multi-picture JPEG of phone cameras).
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF")
+# Percentile window for high-bit-depth pixels without window settings: robust to a few hot/dead pixels.
+PERCENTILE_WINDOW = (0.5, 99.5)
+
+# The only DICOM header fields ever read into a record (DICOM keyword -> metadata key). Technical fields
+# only; each value must conform to its dictionary VR (CS, US, IS or DS), otherwise it is left out.
+DICOM_METADATA_FIELDS = {
+    "Modality": "modality",
+    "BodyPartExamined": "body_part_examined",
+    "ViewPosition": "view_position",
+    "ImageLaterality": "laterality",
+    "PhotometricInterpretation": "photometric_interpretation",
+    "Rows": "rows",
+    "Columns": "columns",
+    "NumberOfFrames": "number_of_frames",
+    "BitsStored": "bits_stored",
+    "RescaleSlope": "rescale_slope",
+    "RescaleIntercept": "rescale_intercept",
+    "PixelSpacing": "pixel_spacing",
+    "SliceThickness": "slice_thickness",
+    "BurnedInAnnotation": "burned_in_annotation",
+}
+# What the optional prompt context says, in this order: "Modality: CT. Body part: HEAD. View: PA."
+PROMPT_CONTEXT_FIELDS = (("modality", "Modality"), ("body_part_examined", "Body part"), ("view_position", "View"))
+BURNED_IN_ANNOTATION_WARNING = (
+    "The DICOM header declares burned-in annotation: text drawn into the pixels may identify the patient "
+    "and may be read by the visual expert."
+)
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+_JPEG_FAMILY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+_JPEG2000_FAMILY = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 
 
 @dataclass
@@ -49,25 +136,77 @@ class LoadedImage:
         return self.source_format == "DICOM"
 
 
-def _read_source_bytes(source, max_bytes: int) -> bytes:
+def load_image(
+    source,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    frame: int | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    allow_urls: bool = False,
+    url_timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+) -> LoadedImage:
+    """Load ``source`` into an 8-bit RGB image, or raise a typed ``ImageInputError``.
+
+    Args:
+        source: a path, bytes, binary file-like, ``PIL.Image``, numpy array, base64 or data-URI string
+            (or an http(s) URL with ``allow_urls=True``).
+        max_bytes: cap on the encoded size (file, download, decoded base64, inflated DICOM dataset).
+        max_pixels: cap on width x height of the image (of one frame for DICOM), checked before decoding.
+        max_decoded_bytes: cap on a DICOM header's declared pixel data, all frames together.
+        frame: which frame of a multi-frame DICOM to decode (default: the middle one).
+        background: RGB colour that transparent pixels are composited on.
+        allow_urls: fetch http(s) URLs (for a CLI; leave off in a server).
+        url_timeout_s: total time limit of a URL download.
+    """
+    if isinstance(source, LoadedImage):
+        return source
+    if isinstance(source, Image.Image):
+        if source.width * source.height > max_pixels:
+            raise ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
+        notes: list[str] = []
+        image = _guarded(
+            _oriented_rgb, InvalidImageError("The PIL image could not be read."), source, background, notes
+        )
+        return LoadedImage(image=image, source_format="PIL", warnings=notes)
+    if isinstance(source, np.ndarray):
+        return LoadedImage(image=_from_array(source, max_pixels, background), source_format="array")
+
+    data = _read_source_bytes(source, max_bytes, allow_urls, url_timeout_s)
+    if _is_dicom(data):
+        return _load_dicom(data, frame=frame, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded=max_decoded_bytes)
+    return _load_2d(data, max_pixels, background)
+
+
+def dicom_prompt_context(metadata: dict) -> str | None:
+    """The optional prompt context of a DICOM image, e.g. ``"Modality: CT. Body part: HEAD."``.
+
+    Built from allowlisted, VR-validated metadata only; ``None`` when the image has none of the fields.
+    """
+    parts = [f"{label}: {metadata[key]}." for key, label in PROMPT_CONTEXT_FIELDS if metadata.get(key)]
+    return " ".join(parts) or None
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def _read_source_bytes(source, max_bytes: int, allow_urls: bool, url_timeout_s: float) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-    elif isinstance(source, str) and (source.startswith("data:") or _looks_like_base64(source)):
-        data = _decode_base64(source, max_bytes)
-    elif isinstance(source, (str, os.PathLike)):
-        if isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https", "ftp"):
-            raise UnsupportedImageFormatError("Image URLs are not fetched; download the file and pass its path.")
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise InvalidImageError("Image file not found: pass the path of an existing PNG, JPEG or DICOM file.")
-        if os.path.getsize(path) > max_bytes:
-            raise ImageTooLargeError(f"Image file is larger than the {max_bytes}-byte limit.")
-        with open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
+    elif isinstance(source, str):
+        data = _read_string_source(source, max_bytes, allow_urls, url_timeout_s)
+    elif isinstance(source, os.PathLike):
+        data = _read_path(os.fspath(source), max_bytes)
     elif hasattr(source, "read"):
-        data = source.read(max_bytes + 1)
+        try:
+            data = source.read(max_bytes + 1)
+        except (OSError, ValueError):
+            data = None
+        if data is None:
+            raise InvalidImageError("The file-like image source could not be read.")
         if not isinstance(data, (bytes, bytearray)):
-            raise InvalidImageError("The file-like image source must be opened in binary mode.")
+            raise InvalidImageError("The file-like image source must be opened in binary mode ('rb').")
     else:
         raise UnsupportedImageFormatError(
             f"Unsupported image source type {type(source).__name__}: pass a path, bytes, a binary file, "
@@ -76,106 +215,527 @@ def _read_source_bytes(source, max_bytes: int) -> bytes:
     if len(data) == 0:
         raise InvalidImageError("The image is empty (zero bytes).")
     if len(data) > max_bytes:
-        raise ImageTooLargeError(f"Image data is larger than the {max_bytes}-byte limit.")
-    return data
+        raise ImageTooLargeError(f"The image data is larger than the {max_bytes}-byte limit.")
+    return bytes(data)
 
 
-def _looks_like_base64(text: str) -> bool:
-    # Paths are short and contain separators or dots; base64 image payloads are long and have neither.
-    return len(text) > 256 and "/" not in text[:64].replace("+", "") and "." not in text[:256]
+def _read_string_source(text: str, max_bytes: int, allow_urls: bool, url_timeout_s: float) -> bytes:
+    stripped = text.strip()
+    if stripped.startswith("data:"):
+        header, _, payload = stripped.partition(",")
+        if not header.endswith(";base64"):
+            raise UnsupportedImageFormatError("Only base64 data URIs are accepted ('data:<type>;base64,...').")
+        return _decode_base64(payload, max_bytes)
+    if _URL.match(stripped):
+        return _fetch_url(stripped, max_bytes, allow_urls, url_timeout_s)
+    if os.path.isfile(text):
+        return _read_path(text, max_bytes)
+    compact = "".join(stripped.split())
+    if len(compact) >= 64 and _BASE64.fullmatch(compact):
+        return _decode_base64(compact, max_bytes)
+    if os.path.isdir(text):
+        raise InvalidImageError("The image path is a folder: pass the path of an image file.")
+    raise InvalidImageError(
+        "Image file not found (and the string is not base64 image data): pass the path of an existing PNG, "
+        "JPEG or DICOM file, or base64/data-URI image data."
+    )
 
 
-def _decode_base64(text: str, max_bytes: int) -> bytes:
-    payload = text.split(",", 1)[1] if text.startswith("data:") else text
-    if len(payload) * 3 // 4 > max_bytes:
-        raise ImageTooLargeError(f"Image data is larger than the {max_bytes}-byte limit.")
+def _read_path(path: str, max_bytes: int) -> bytes:
+    if not os.path.isfile(path):
+        raise InvalidImageError("Image file not found: pass the path of an existing PNG, JPEG or DICOM file.")
     try:
-        return base64.b64decode(payload, validate=False)
+        if os.path.getsize(path) > max_bytes:
+            raise ImageTooLargeError(f"The image file is larger than the {max_bytes}-byte limit.")
+        with open(path, "rb") as handle:
+            return handle.read(max_bytes + 1)
+    except PermissionError:
+        pass
+    raise InvalidImageError("The image file could not be opened (permission denied).")
+
+
+def _decode_base64(payload: str, max_bytes: int) -> bytes:
+    compact = "".join(payload.split())
+    if len(compact) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(f"The image data is larger than the {max_bytes}-byte limit.")
+    try:
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidImageError("The base64 image string could not be decoded.") from None
+        pass
+    raise InvalidImageError("The base64 image string could not be decoded.")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _window_to_8bit(np.asarray(image, dtype=np.float32))
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels are composited on black, the background of radiology images.
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+def _fetch_url(url: str, max_bytes: int, allow_urls: bool, timeout_s: float) -> bytes:
+    """Download with a total deadline and the byte cap; errors never repeat the address."""
+    import urllib.error
+    import urllib.request
+
+    if not allow_urls:
+        raise ImageURLNotAllowedError(
+            "Image URLs are not fetched: download the image and pass its path or bytes "
+            "(a command-line tool may opt in with allow_urls=True)."
+        )
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageURLNotAllowedError("Only http:// and https:// image URLs can be fetched.")
+    deadline = time.monotonic() + timeout_s
+    problem = None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageTooLargeError(f"The image at the URL is larger than the {max_bytes}-byte limit.")
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk = response.read(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+    except ImageInputError:
+        raise
+    except urllib.error.HTTPError as error:
+        problem = f"the server answered HTTP {error.code}"
+    except (TimeoutError, OSError) as error:
+        timed_out = isinstance(error, TimeoutError) or "timed out" in str(getattr(error, "reason", ""))
+        problem = f"no complete answer within {timeout_s:g} s" if timed_out else "the server could not be reached"
+    raise InvalidImageError(f"The image URL could not be downloaded ({problem}).")
 
 
-def _window_to_8bit(pixels: np.ndarray, low_percentile: float = 0.5, high_percentile: float = 99.5) -> Image.Image:
-    """Rescale high-bit-depth grayscale to 8 bits with a percentile window (never a plain clip)."""
-    finite = pixels[np.isfinite(pixels)]
-    if finite.size == 0:
-        raise InvalidImageError("The image holds no finite pixel values.")
-    low, high = np.percentile(finite, [low_percentile, high_percentile])
-    if high <= low:
-        high = low + 1.0
-    scaled = np.clip((np.nan_to_num(pixels, nan=low) - low) / (high - low), 0.0, 1.0) * 255.0
-    return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+# ------------------------------------------------------------------------------------------ 2-D images
 
 
-def _from_array(array: np.ndarray) -> Image.Image:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        if array.dtype == np.uint8:
-            return Image.fromarray(array, mode="L").convert("RGB")
-        return _window_to_8bit(array.astype(np.float32))
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if array.dtype != np.uint8:
-            raise UnsupportedImageFormatError("Colour arrays must be uint8 (H x W x 3 or H x W x 4).")
-        return _to_rgb(Image.fromarray(array))
-    raise UnsupportedImageFormatError("Arrays must be 2-D grayscale or H x W x 3 colour.")
-
-
-def load_image(
-    source,
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> LoadedImage:
-    """Load ``source`` into an 8-bit RGB image, or raise a typed ``ImageInputError``."""
-    if isinstance(source, LoadedImage):
-        return source
-    if isinstance(source, Image.Image):
-        if source.width * source.height > max_pixels:
-            raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.")
-        return LoadedImage(image=_to_rgb(ImageOps.exif_transpose(source) or source), source_format="PIL")
-    if isinstance(source, np.ndarray):
-        if source.size > max_pixels * 4:
-            raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.")
-        return LoadedImage(image=_from_array(source), source_format="array")
-
-    data = _read_source_bytes(source, max_bytes)
+def _load_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
     with warnings.catch_warnings():
         # A decompression bomb is an error, not a warning.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as opened:
-                if opened.width * opened.height > max_pixels:
-                    raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.")
-                source_format = opened.format
-                opened.load()
-                try:
-                    oriented = ImageOps.exif_transpose(opened)
-                except Exception:  # malformed EXIF: keep the stored orientation
-                    oriented = opened
-                image = _to_rgb(oriented)
-        except ImageTooLargeError:
-            raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            if isinstance(error, UnidentifiedImageError):
-                raise UnsupportedImageFormatError(
-                    f"The data is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})."
-                ) from None
-            raise ImageTooLargeError(f"Image has more than the {max_pixels}-pixel limit.") from None
-        except (OSError, SyntaxError, ValueError):
-            raise InvalidImageError("The image data is truncated or corrupt.") from None
-    return LoadedImage(image=image, source_format=source_format)
+        return _guarded(
+            _decode_2d, InvalidImageError("The image data is truncated or corrupt."), data, max_pixels, background
+        )
 
 
-__all__ = ["ALLOWED_FORMATS", "LoadedImage", "load_image"]
+def _decode_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
+    too_large = ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
+    problem = None
+    try:
+        opened = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        problem = too_large
+    except Exception:
+        problem = UnsupportedImageFormatError(
+            f"The data is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)} or DICOM), "
+            "or its header is corrupt."
+        )
+    if problem is not None:  # raised here, not in the except block, so no Pillow message is chained
+        raise problem
+    with opened:
+        if opened.width * opened.height > max_pixels:
+            raise too_large
+        source_format = opened.format
+        opened.load()
+        notes: list[str] = []
+        image = _oriented_rgb(opened, background, notes)
+    return LoadedImage(image=image, source_format=source_format, warnings=notes)
+
+
+def _oriented_rgb(image: Image.Image, background, notes: list[str]) -> Image.Image:
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        oriented = None
+    if oriented is None:
+        notes.append("The image's EXIF orientation could not be read; the stored orientation was kept.")
+        oriented = image
+    return _to_rgb(oriented, background)
+
+
+def _to_rgb(image: Image.Image, background=DEFAULT_BACKGROUND) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        return _gray_to_rgb(_percentile_window(np.asarray(image))[0])
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        pass
+    raise UnsupportedImageFormatError(f"Images in colour mode {image.mode} cannot be converted to RGB.")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _percentile_window(pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """8-bit grayscale through a percentile window (never a plain clip), plus the window's low and high."""
+    values = pixels.astype(np.float64, copy=False)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise InvalidImageError("The image holds no finite pixel values.")
+    low, high = (float(v) for v in np.percentile(finite, PERCENTILE_WINDOW))
+    if high <= low:
+        high = low + 1.0
+    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) * (255.0 / (high - low))
+    return np.clip(scaled, 0.0, 255.0).round().astype(np.uint8), low, high
+
+
+def _from_array(array: np.ndarray, max_pixels: int, background) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise UnsupportedImageFormatError("Arrays must be 2-D grayscale, H x W x 3 (RGB) or H x W x 4 (RGBA).")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
+    if array.size == 0:
+        raise InvalidImageError("The image array is empty.")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise UnsupportedImageFormatError("Image arrays must hold integer or floating-point pixel values.")
+    if array.ndim == 2:
+        if array.dtype == np.uint8:
+            return _gray_to_rgb(np.ascontiguousarray(array))
+        return _gray_to_rgb(_percentile_window(array)[0])
+    if array.dtype != np.uint8:
+        raise UnsupportedImageFormatError("Colour arrays must be uint8 (H x W x 3 or H x W x 4).")
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), background)
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
+    with _pydicom_silenced():
+        return _guarded(
+            _decode_dicom,
+            InvalidImageError("The DICOM file could not be read: it is truncated, corrupt or not a valid image."),
+            data,
+            frame,
+            max_bytes,
+            max_pixels,
+            max_decoded,
+        )
+
+
+def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
+    transfer_syntax, meta_end = _file_meta_transfer_syntax(data)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        _check_inflated_size(data[meta_end:], max_bytes)
+    dataset = dcmread(io.BytesIO(data))
+    file_meta = getattr(dataset, "file_meta", Dataset())
+    if file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in dataset:
+        raise UnsupportedImageFormatError(
+            "This is a DICOMDIR (an index of a DICOM medium), not an image: pass one of the image files it lists."
+        )
+    if not any(keyword in dataset for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UnsupportedImageFormatError(
+            "This DICOM object holds no image (no pixel data): reports, plans and waveforms cannot be read."
+        )
+
+    rows, columns, frames = _checked_geometry(dataset, max_pixels, max_decoded)
+    index = _frame_index(frame, frames)
+    syntax = UID(str(file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    _require_decoder(syntax)
+    if syntax in _JPEG_FAMILY + _JPEG2000_FAMILY and "PixelData" in dataset:
+        _check_encapsulated_frame(dataset.PixelData, index, frames, max_pixels)
+
+    pixels = _guarded(pixel_array, _decode_failure(syntax), dataset, index=index if frames > 1 else None)
+    notes: list[str] = []
+    metadata = _dicom_metadata(dataset, notes)
+    image, window = _dicom_pixels_to_rgb(pixels, dataset, notes)
+    metadata.update(window)
+    if syntax.is_transfer_syntax:
+        metadata["transfer_syntax"] = syntax.name
+    if frames > 1:
+        metadata["frame"] = index
+        notes.append(f"Only frame {index} of a {frames}-frame DICOM was read.")
+    if metadata.get("burned_in_annotation") == "YES":
+        notes.append(BURNED_IN_ANNOTATION_WARNING)
+    return LoadedImage(image=image, source_format="DICOM", metadata=metadata, warnings=notes)
+
+
+def _file_meta_transfer_syntax(data: bytes) -> tuple[str | None, int]:
+    """The transfer syntax UID of the file meta (group 0002) and where the dataset starts."""
+    stream = io.BytesIO(data)
+    stream.seek(132)
+    syntax = None
+    for element in data_element_generator(stream, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2):
+        if element.tag == 0x00020010 and isinstance(element.value, bytes):
+            syntax = element.value.decode("ascii", "replace").strip("\x00 ")
+    return syntax, stream.tell()
+
+
+def _check_inflated_size(deflated: bytes, max_bytes: int) -> None:
+    """A deflated dataset is inflated by pydicom in one piece: measure it first, in bounded chunks."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, pending = 0, deflated
+    while pending and size <= max_bytes:
+        size += len(inflater.decompress(pending, 1 << 20))
+        pending = inflater.unconsumed_tail
+    if size > max_bytes:
+        raise ImageTooLargeError(f"The inflated DICOM dataset is larger than the {max_bytes}-byte limit.")
+
+
+def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> tuple[int, int, int]:
+    if "PixelData" not in dataset:  # float pixel data: no compression, sizes follow the element length
+        return int(dataset.Rows), int(dataset.Columns), int(dataset.get("NumberOfFrames") or 1)
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    samples = int(dataset.get("SamplesPerPixel") or 1)
+    bits = int(dataset.BitsAllocated)
+    if min(rows, columns, frames) < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise InvalidImageError("The DICOM image geometry in the header is invalid.")
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
+    if math.ceil(rows * columns * frames * samples * bits / 8) > max_decoded:
+        raise ImageTooLargeError(f"The DICOM header declares more than {max_decoded} bytes of pixel data.")
+    return rows, columns, frames
+
+
+def _frame_index(frame: int | None, frames: int) -> int:
+    if frame is None:
+        return frames // 2
+    if isinstance(frame, bool) or not isinstance(frame, int) or not -frames <= frame < frames:
+        raise InvalidImageError(
+            "The requested frame is not in this DICOM: pass 0 <= frame < number_of_frames (see the image metadata)."
+        )
+    return frame % frames
+
+
+def _require_decoder(syntax: UID) -> None:
+    name = syntax.name if syntax.is_transfer_syntax else "an unknown transfer syntax"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None:
+        raise UnsupportedImageFormatError(
+            f"DICOM pixel data encoded as {name} is not supported (video or an unknown encoding): "
+            "export the image uncompressed or as JPEG / JPEG 2000."
+        )
+    if not decoder.is_available:
+        raise DicomDecoderMissingError(
+            f"The DICOM pixel data is compressed as {name} and no decoder for it is installed. "
+            f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (for example "
+            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg), or export the image uncompressed."
+        )
+
+
+def _decode_failure(syntax: UID) -> InvalidImageError:
+    message = "The DICOM pixel data could not be decoded: it is truncated or corrupt"
+    missing = _missing_decoder_packages(syntax) if syntax.is_compressed else []
+    if missing:  # e.g. Pillow reads 8-bit JPEG but not 12-bit JPEG Extended
+        message += f", or it needs a decoder that is not installed ({'; '.join(missing)})"
+    return InvalidImageError(message + ".")
+
+
+def _missing_decoder_packages(syntax: UID) -> list[str]:
+    """pydicom's list of decoder plugins that are not installed, as package requirements."""
+    missing = get_decoder(syntax).missing_dependencies
+    return sorted({entry.split(" - requires ", 1)[-1] for entry in missing if " - requires " in entry})
+
+
+def _check_encapsulated_frame(pixel_data: bytes, index: int, frames: int, max_pixels: int) -> None:
+    """The JPEG / JPEG 2000 stream's own size, read from its header before any decoder allocates it."""
+    try:
+        stream = get_frame(pixel_data, index, number_of_frames=frames)
+        with Image.open(io.BytesIO(stream), formats=("JPEG", "JPEG2000")) as header:
+            pixels = header.width * header.height
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        pixels = max_pixels + 1
+    except Exception:  # not readable by Pillow: the decoder checks it against the header
+        return
+    if pixels > max_pixels:
+        raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
+
+
+def _dicom_pixels_to_rgb(pixels: np.ndarray, dataset: Dataset, notes: list[str]) -> tuple[Image.Image, dict]:
+    photometric = str(dataset.get("PhotometricInterpretation") or "MONOCHROME2").strip()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if pixels.ndim != 2:
+            raise InvalidImageError("The DICOM grayscale pixel data does not have one sample per pixel.")
+        gray, window = _voi_to_8bit(apply_modality_lut(pixels, dataset), dataset, notes)
+        if photometric == "MONOCHROME1":  # low values are bright: inverted after the VOI step (PS3.3 C.7.6.3.1.2)
+            gray = 255 - gray
+        return _gray_to_rgb(gray), window
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, dataset)
+        depth = 8 if pixels.dtype == np.uint8 else 16
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+        # pixel_array has already converted YBR_FULL(_422) to RGB; JPEG 2000 decoders undo ICT/RCT.
+        depth = int(dataset.get("BitsStored") or 8)
+    else:
+        raise UnsupportedImageFormatError(
+            "This DICOM's photometric interpretation is not supported (accepted: MONOCHROME1, MONOCHROME2, "
+            "RGB, YBR_FULL, YBR_FULL_422, YBR_ICT, YBR_RCT, PALETTE COLOR)."
+        )
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise InvalidImageError("The DICOM colour pixel data does not have three samples per pixel.")
+    if depth > 8:
+        pixels = np.clip(pixels.astype(np.float64) * (255.0 / (2**depth - 1)), 0, 255).round()
+    return Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)), mode="RGB"), {}
+
+
+def _voi_to_8bit(values: np.ndarray, dataset: Dataset, notes: list[str]) -> tuple[np.ndarray, dict]:
+    """VOI LUT if the header has one, else its first window, else a percentile window; 8-bit output."""
+    if dataset.get("VOILUTSequence"):
+        lut = _guarded(_apply_voi_lut_8bit, None, values, dataset)
+        if lut is not None:
+            return lut, {"window_source": "voi_lut"}
+        notes.append("The DICOM VOI LUT is invalid; a percentile window was used instead.")
+    elif dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
+        windowed = _guarded(_apply_first_window_8bit, None, values, dataset)
+        if windowed is not None:
+            return windowed
+        notes.append("The DICOM window settings are invalid; a percentile window was used instead.")
+    gray, low, high = _percentile_window(values)
+    return gray, {"window_source": "percentile", "window_center": (low + high) / 2, "window_width": high - low}
+
+
+def _apply_voi_lut_8bit(values: np.ndarray, dataset: Dataset) -> np.ndarray:
+    # A VOI LUT is indexed by (integer) modality values; its lowest entry is black and its highest white.
+    output = apply_voi(np.rint(values).astype(np.int64), dataset, index=0).astype(np.float64)
+    item = dataset.VOILUTSequence[0]
+    entries = np.frombuffer(item.LUTData, dtype="<u2") if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
+    low, high = float(entries.min()), float(entries.max())
+    return np.clip((output - low) * (255.0 / max(high - low, 1.0)), 0, 255).round().astype(np.uint8)
+
+
+def _apply_first_window_8bit(values: np.ndarray, dataset: Dataset) -> tuple[np.ndarray, dict]:
+    center, width = _first_value(dataset.WindowCenter), _first_value(dataset.WindowWidth)
+    function = str(dataset.get("VOILUTFunction") or "LINEAR").strip().upper()
+    # pydicom's windowing (LINEAR, LINEAR_EXACT, SIGMOID) into a 0..255 output range: a window dataset
+    # holding only the chosen window of an unsigned 8-bit image.
+    window = Dataset()
+    window.PhotometricInterpretation = "MONOCHROME2"
+    window.BitsStored, window.PixelRepresentation = 8, 0
+    window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center, width, function
+    gray = np.clip(apply_windowing(values, window), 0, 255).round().astype(np.uint8)
+    return gray, {
+        "window_source": "header",
+        "window_center": center,
+        "window_width": width,
+        "voi_lut_function": function,
+    }
+
+
+def _first_value(value) -> float:
+    first = float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+    if not math.isfinite(first):
+        raise ValueError
+    return first
+
+
+def _dicom_metadata(dataset: Dataset, notes: list[str]) -> dict:
+    """The allowlisted technical fields whose values conform to their VR; nothing else is ever read."""
+    metadata = {}
+    for keyword, key in DICOM_METADATA_FIELDS.items():
+        raw = _guarded(dataset.get, None, keyword)
+        if raw is None or raw == "":
+            continue
+        value = _guarded(_conforming_value, None, raw, dictionary_VR(keyword))
+        if value is None:
+            notes.append(f"The DICOM field {keyword} holds a non-conforming value and was left out.")
+        else:
+            metadata[key] = value
+    return metadata
+
+
+def _conforming_value(raw, vr: str):
+    values = list(raw) if isinstance(raw, (MultiValue, list, tuple)) else [raw]
+    if vr == "CS":
+        texts = [str(value).strip() for value in values]
+        if not all(_CODE_STRING.fullmatch(text) for text in texts):
+            return None
+        converted = texts
+    elif vr in ("US", "IS"):
+        converted = [int(value) for value in values]
+    elif vr == "DS":
+        converted = [float(value) for value in values]
+        if not all(math.isfinite(value) for value in converted):
+            return None
+    else:  # fail closed: only code strings and numbers are allowlisted
+        return None
+    return converted[0] if len(converted) == 1 else converted
+
+
+# ------------------------------------------------------------------------------------------ guards
+
+
+def _guarded(function, error: ImageInputError | None, *args, **kwargs):
+    """Call ``function``; a foreign exception becomes ``error`` (or ``None`` is returned when it is ``None``).
+
+    The typed error is raised outside the ``except`` block, so it carries no ``__context__``: Pillow and
+    pydicom messages can quote header values or payload bytes, and chained tracebacks reach logs.
+    """
+    try:
+        return function(*args, **kwargs)
+    except ImageInputError:
+        raise
+    except MemoryError:
+        error = ImageTooLargeError("The image is too large to decode in the available memory.")
+    except Exception:
+        pass
+    if error is None:
+        return None
+    raise error
+
+
+class _DropThreadRecords(logging.Filter):
+    """Drops pydicom's log records emitted by threads that are reading a DICOM file."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.get_ident() not in self.threads
+
+
+_PYDICOM_LOG_FILTER = _DropThreadRecords()
+
+
+class _pydicom_silenced:  # noqa: N801 - a context manager used like a function
+    """pydicom warns and logs with element values (e.g. "Invalid value for VR DA: '...'"): silence both."""
+
+    def __enter__(self):
+        thread = threading.get_ident()
+        with _PYDICOM_LOG_FILTER.lock:
+            _PYDICOM_LOG_FILTER.threads[thread] = _PYDICOM_LOG_FILTER.threads.get(thread, 0) + 1
+            # Filters act only on the logger a record is created on: attach to every pydicom logger.
+            names = [name for name in list(logging.root.manager.loggerDict) if name.split(".")[0] == "pydicom"]
+            for name in ["pydicom", *names]:
+                logger = logging.getLogger(name)
+                if _PYDICOM_LOG_FILTER not in logger.filters:
+                    logger.addFilter(_PYDICOM_LOG_FILTER)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc_info):
+        self._warnings.__exit__(*exc_info)
+        thread = threading.get_ident()
+        with _PYDICOM_LOG_FILTER.lock:
+            remaining = _PYDICOM_LOG_FILTER.threads.pop(thread) - 1
+            if remaining:
+                _PYDICOM_LOG_FILTER.threads[thread] = remaining
+        return False
+
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_BACKGROUND",
+    "DICOM_METADATA_FIELDS",
+    "LoadedImage",
+    "dicom_prompt_context",
+    "load_image",
+]

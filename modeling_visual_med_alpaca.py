@@ -144,6 +144,16 @@ class ImageTooLargeError(ImageInputError):
     http_status = 413
 
 
+class DicomDecoderMissingError(UnsupportedImageFormatError):
+    """DICOM pixel data in a compressed transfer syntax whose decoder package is not installed."""
+
+
+class ImageURLNotAllowedError(ImageInputError):
+    """An image URL was given where fetching is off (servers never fetch arbitrary addresses)."""
+
+    http_status = 403
+
+
 class ExpertUnavailableError(InputError):
     """The requested visual expert is not part of this bundle."""
 
@@ -363,6 +373,7 @@ VisualMedAlpacaModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "DISCLAIMER",
+    "DicomDecoderMissingError",
     "EXPERTS",
     "EXPERT_CHART",
     "EXPERT_RADIOLOGY",
@@ -371,6 +382,7 @@ __all__ = [
     "ExpertUnavailableError",
     "ImageInputError",
     "ImageTooLargeError",
+    "ImageURLNotAllowedError",
     "InputError",
     "InvalidImageError",
     "MissingQuestionError",

@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig, Pipeline
 
 try:
-    from .medical_image import LoadedImage, load_image
+    from .medical_image import LoadedImage, dicom_prompt_context, load_image
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -42,7 +42,7 @@ try:
         neutralize_template_markers,
     )
 except ImportError:  # imported from a checkout as a top-level module
-    from medical_image import LoadedImage, load_image
+    from medical_image import LoadedImage, dicom_prompt_context, load_image
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -63,6 +63,7 @@ INPUT_KEYS = frozenset({"image", "question", "expert"})
 GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_")) - {
     "transformers_version",
 }
+DICOM_ROUTING_WARNING = "DICOM images are always read by the radiology expert; the requested chart expert was not used."
 CHART_FALLBACK_WARNING = (
     "This bundle has no chart reader (DePlot): the chart was described by the radiology captioner instead."
 )
@@ -96,6 +97,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         self,
         expert: str | None = None,
         return_prompt: bool | None = None,
+        dicom_context: bool | None = None,
         generate_kwargs: dict | None = None,
         caption_generate_kwargs: dict | None = None,
         **kwargs,
@@ -110,12 +112,15 @@ class VisualMedAlpacaPipeline(Pipeline):
             preprocess_params["expert"] = expert
         if return_prompt is not None:
             postprocess_params["return_prompt"] = bool(return_prompt)
+        if dicom_context:
+            forward_params["dicom_context"] = True
 
         unknown = sorted(set(kwargs) - GENERATION_KEYS)
         if unknown:
             raise UnknownParameterError(
-                f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, generate_kwargs, "
-                "caption_generate_kwargs, and GenerationConfig keywords such as max_new_tokens or num_beams. "
+                f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, dicom_context, "
+                "generate_kwargs, caption_generate_kwargs, and GenerationConfig keywords such as max_new_tokens "
+                "or num_beams. "
                 "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
             )
         answer_kwargs = dict(generate_kwargs or {})
@@ -167,6 +172,9 @@ class VisualMedAlpacaPipeline(Pipeline):
             warnings.extend(loaded.warnings)
             image_metadata = dict(loaded.metadata)
             chosen = requested or EXPERT_RADIOLOGY
+            if loaded.is_dicom and chosen != EXPERT_RADIOLOGY:
+                warnings.append(DICOM_ROUTING_WARNING)
+                chosen = EXPERT_RADIOLOGY
             if chosen == EXPERT_CHART and self.chart_processor is None:
                 warnings.append(CHART_FALLBACK_WARNING)
                 chosen = EXPERT_RADIOLOGY
@@ -194,20 +202,30 @@ class VisualMedAlpacaPipeline(Pipeline):
             "warnings": warnings,
         }
 
-    def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None) -> dict:
+    def _forward(
+        self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None, dicom_context: bool = False
+    ) -> dict:
         batched = isinstance(model_inputs["question"], list)
         questions = model_inputs["question"] if batched else [model_inputs["question"]]
         experts = model_inputs["expert"] if batched else [model_inputs["expert"]]
         features = model_inputs["image_features"] if batched else [model_inputs["image_features"]]
         warnings = [list(w) for w in (model_inputs["warnings"] if batched else [model_inputs["warnings"]])]
+        metadata = model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]]
 
         intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
+        if dicom_context:
+            # Allowlisted, VR-validated DICOM fields ("Modality: CT. Body part: HEAD.") lead the expert's text,
+            # so intermediate_text stays exactly what the language model is given.
+            for i, text in enumerate(intermediate_texts):
+                context = dicom_prompt_context(metadata[i]) if text is not None else None
+                if context:
+                    intermediate_texts[i] = f"{context} {text}".strip()
         prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
         answers = self._answer(prompts, generate_kwargs or {})
         outputs = {
             "answer": answers,
             "expert": experts,
-            "image_metadata": model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]],
+            "image_metadata": metadata,
             "intermediate_text": intermediate_texts,
             "prompt": prompts,
             "warnings": warnings,
