@@ -83,8 +83,8 @@ DEFAULT_URL_TIMEOUT_S = 10.0
 # Transparent pixels are composited on white: transparent PNGs are mostly figures and charts, whose dark
 # strokes would vanish on black. Pass ``background=(0, 0, 0)`` for radiology crops with alpha.
 DEFAULT_BACKGROUND = (255, 255, 255)
-# 2-D formats accepted by content (Pillow's format names; MPO is the multi-picture JPEG of phone cameras).
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF")
+# 2-D formats accepted by content (Pillow's format names; JPEG includes the MPO files of phone cameras).
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 # Percentile window for high-bit-depth pixels without window settings: robust to a few hot/dead pixels.
 PERCENTILE_WINDOW = (0.5, 99.5)
 
@@ -111,6 +111,9 @@ PROMPT_CONTEXT_FIELDS = (("modality", "Modality"), ("body_part_examined", "Body 
 BURNED_IN_ANNOTATION_WARNING = (
     "The DICOM header declares burned-in annotation: text drawn into the pixels may identify the patient "
     "and may be read by the visual expert."
+)
+METADATA_FALLBACK_WARNING = (
+    "The image's metadata (EXIF) is malformed and was ignored: its orientation may not have been corrected."
 )
 _CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -199,6 +202,8 @@ def _read_source_bytes(source, max_bytes: int, allow_urls: bool, url_timeout_s: 
     elif isinstance(source, os.PathLike):
         data = _read_path(os.fspath(source), max_bytes)
     elif hasattr(source, "read"):
+        if isinstance(source, io.TextIOBase):
+            raise InvalidImageError("The file-like image source must be opened in binary mode ('rb').")
         try:
             data = source.read(max_bytes + 1)
         except (OSError, ValueError):
@@ -308,12 +313,16 @@ def _fetch_url(url: str, max_bytes: int, allow_urls: bool, timeout_s: float) -> 
 
 
 def _load_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
-    with warnings.catch_warnings():
-        # A decompression bomb is an error, not a warning.
+    with warnings.catch_warnings(record=True) as complaints:
+        # Pillow's complaints about metadata are recorded, not shown (metadata is never logged); a
+        # decompression bomb is an error, not a warning.
+        warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _guarded(
-            _decode_2d, InvalidImageError("The image data is truncated or corrupt."), data, max_pixels, background
-        )
+        corrupt = InvalidImageError("The image data is truncated or corrupt.")
+        loaded = _guarded(_decode_2d, corrupt, data, max_pixels, background)
+    if complaints and METADATA_FALLBACK_WARNING not in loaded.warnings:
+        loaded.warnings.append(METADATA_FALLBACK_WARNING)
+    return loaded
 
 
 def _decode_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
@@ -341,12 +350,14 @@ def _decode_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
 
 
 def _oriented_rgb(image: Image.Image, background, notes: list[str]) -> Image.Image:
-    try:
-        oriented = ImageOps.exif_transpose(image)
-    except Exception:  # malformed EXIF: keep the stored orientation
-        oriented = None
-    if oriented is None:
-        notes.append("The image's EXIF orientation could not be read; the stored orientation was kept.")
+    with warnings.catch_warnings(record=True) as complaints:
+        warnings.simplefilter("always")
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception:  # malformed EXIF: keep the stored orientation
+            oriented = None
+    if oriented is None or complaints:  # Pillow warns ("Corrupt EXIF data") when it gave up on the block
+        notes.append(METADATA_FALLBACK_WARNING)
         oriented = image
     return _to_rgb(oriented, background)
 
@@ -436,7 +447,8 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
         )
     if not any(keyword in dataset for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise UnsupportedImageFormatError(
-            "This DICOM object holds no image (no pixel data): reports, plans and waveforms cannot be read."
+            "This DICOM object holds no image (no pixel data): it is a report, plan or waveform, or the file is "
+            "truncated before its pixel data."
         )
 
     rows, columns, frames = _checked_geometry(dataset, max_pixels, max_decoded)
