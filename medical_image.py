@@ -37,6 +37,7 @@ import binascii
 import io
 import logging
 import math
+import numbers
 import os
 import re
 import threading
@@ -496,8 +497,6 @@ def _check_inflated_size(deflated: bytes, max_bytes: int) -> None:
 
 
 def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> tuple[int, int, int]:
-    if "PixelData" not in dataset:  # float pixel data: no compression, sizes follow the element length
-        return int(dataset.Rows), int(dataset.Columns), int(dataset.get("NumberOfFrames") or 1)
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     frames = int(dataset.get("NumberOfFrames") or 1)
     samples = int(dataset.get("SamplesPerPixel") or 1)
@@ -514,11 +513,11 @@ def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> tu
 def _frame_index(frame: int | None, frames: int) -> int:
     if frame is None:
         return frames // 2
-    if isinstance(frame, bool) or not isinstance(frame, int) or not -frames <= frame < frames:
+    if isinstance(frame, bool) or not isinstance(frame, numbers.Integral) or not -frames <= int(frame) < frames:
         raise InvalidImageError(
             "The requested frame is not in this DICOM: pass 0 <= frame < number_of_frames (see the image metadata)."
         )
-    return frame % frames
+    return int(frame) % frames
 
 
 def _require_decoder(syntax: UID) -> None:

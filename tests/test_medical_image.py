@@ -652,7 +652,8 @@ def test_metadata_allowlist_and_non_conforming_values():
     assert medical_image.BURNED_IN_ANNOTATION_WARNING in loaded.warnings
     assert dicom_prompt_context(loaded.metadata) == "Modality: CT. Body part: HEAD. View: AP."
     assert dicom_prompt_context({"width": 3, "height": 4}) is None
-    with pydicom.config.disable_value_validation():
+    with pydicom.config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom still warns about the value this test plants on purpose
         dataset.BodyPartExamined = "free text, lower case and too long"
     loaded = load_image(dicom_bytes(dataset))
     assert "body_part_examined" not in loaded.metadata
@@ -817,3 +818,13 @@ def test_pipeline_routes_dicom_to_radiology_and_context_is_optional(vqa):
     png_record = vqa({"image": png, "question": "Which organ?"}, dicom_context=True, return_prompt=True)
     assert not png_record["intermediate_text"].startswith("Modality:")
     assert png_record["image_metadata"] == {"width": 16, "height": 16}
+
+
+def test_benchmark_script_runs(capsys):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from bench_image_loading import BenchmarkArguments, main
+
+    results = main(BenchmarkArguments(repeats=1, json=True))
+    assert set(results["slices"]) == {"ct_512_uncompressed", "ct_512_jpeg2000"}
+    assert all(row["load_image_ms"] > 0 and row["bare_pydicom_ms"] > 0 for row in results["slices"].values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
