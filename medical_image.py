@@ -595,13 +595,16 @@ def _dicom_pixels_to_rgb(pixels: np.ndarray, dataset: Dataset, notes: list[str])
 
 
 def _voi_to_8bit(values: np.ndarray, dataset: Dataset, notes: list[str]) -> tuple[np.ndarray, dict]:
-    """VOI LUT if the header has one, else its first window, else a percentile window; 8-bit output."""
+    """VOI LUT if the header has one, else its first window, else a percentile window; 8-bit output.
+
+    As pydicom's ``apply_voi_lut(prefer_lut=True)``; an invalid VOI step falls through to the next one.
+    """
     if dataset.get("VOILUTSequence"):
         lut = _guarded(_apply_voi_lut_8bit, None, values, dataset)
         if lut is not None:
             return lut, {"window_source": "voi_lut"}
-        notes.append("The DICOM VOI LUT is invalid; a percentile window was used instead.")
-    elif dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
+        notes.append("The DICOM VOI LUT is invalid and was not used.")
+    if dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
         windowed = _guarded(_apply_first_window_8bit, None, values, dataset)
         if windowed is not None:
             return windowed

@@ -542,6 +542,11 @@ def test_voi_lut_sequence_is_preferred_over_the_window():
     expected = to_8bit(apply_voi_lut(np.rint(hounsfield).astype(np.int64), dataset).astype(float), 0, 4095)
     assert loaded.metadata["window_source"] == "voi_lut"
     assert np.abs(pixels_of(loaded)[..., 0].astype(int) - expected).max() <= 1
+    # An unusable VOI LUT (9 bits per entry is not allowed) falls through to the header's window.
+    item.LUTDescriptor = [4096, 0, 9]
+    fallback = load_image(dicom_bytes(dataset))
+    assert fallback.metadata["window_source"] == "header" and "The DICOM VOI LUT is invalid" in fallback.warnings[0]
+    assert np.array_equal(pixels_of(fallback), pixels_of(load_image(dicom_bytes(ct_with_windows(40, 400)))))
 
 
 def test_invalid_window_falls_back_to_percentile_with_a_warning():
