@@ -25,8 +25,8 @@ one unless ``frame`` says otherwise). The header's geometry is checked against t
 Privacy: only the technical fields in ``DICOM_METADATA_FIELDS`` (and the window actually applied) reach
 ``LoadedImage.metadata``; anything that could identify a patient (names, IDs, dates, institutions,
 physicians, descriptions, comments, private tags) is never read into a record, prompt, warning, log line
-or exception. pydicom's own warnings and log records are silenced while a DICOM file is read (they can
-quote element values), and exceptions raised by Pillow or pydicom are replaced by typed
+or exception. pydicom's and Pillow's own warnings and log records are silenced while an image is read
+(they can quote element values and tags), and exceptions raised by Pillow or pydicom are replaced by typed
 ``ImageInputError``\\ s without a chained cause (their messages can quote header values or payload bytes).
 """
 
@@ -170,9 +170,10 @@ def load_image(
         if source.width * source.height > max_pixels:
             raise ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
         notes: list[str] = []
-        image = _guarded(
-            _oriented_rgb, InvalidImageError("The PIL image could not be read."), source, background, notes
-        )
+        with _library_logs_dropped():
+            image = _guarded(
+                _oriented_rgb, InvalidImageError("The PIL image could not be read."), source, background, notes
+            )
         return LoadedImage(image=image, source_format="PIL", warnings=notes)
     if isinstance(source, np.ndarray):
         return LoadedImage(image=_from_array(source, max_pixels, background), source_format="array")
@@ -314,7 +315,7 @@ def _fetch_url(url: str, max_bytes: int, allow_urls: bool, timeout_s: float) -> 
 
 
 def _load_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
-    with warnings.catch_warnings(record=True) as complaints:
+    with _library_logs_dropped(), warnings.catch_warnings(record=True) as complaints:
         # Pillow's complaints about metadata are recorded, not shown (metadata is never logged); a
         # decompression bomb is an error, not a warning.
         warnings.simplefilter("always")
@@ -424,7 +425,9 @@ def _is_dicom(data: bytes) -> bool:
 
 
 def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
-    with _pydicom_silenced():
+    # pydicom's warnings quote element values too: they are dropped, not recorded.
+    with _library_logs_dropped(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return _guarded(
             _decode_dicom,
             InvalidImageError("The DICOM file could not be read: it is truncated, corrupt or not a valid image."),
@@ -452,7 +455,7 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
             "truncated before its pixel data."
         )
 
-    rows, columns, frames = _checked_geometry(dataset, max_pixels, max_decoded)
+    frames = _checked_geometry(dataset, max_pixels, max_decoded)
     index = _frame_index(frame, frames)
     syntax = UID(str(file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     _require_decoder(syntax)
@@ -496,7 +499,8 @@ def _check_inflated_size(deflated: bytes, max_bytes: int) -> None:
         raise ImageTooLargeError(f"The inflated DICOM dataset is larger than the {max_bytes}-byte limit.")
 
 
-def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> tuple[int, int, int]:
+def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> int:
+    """Rows x columns against the pixel cap, the declared pixel data against the byte cap; the frame count."""
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     frames = int(dataset.get("NumberOfFrames") or 1)
     samples = int(dataset.get("SamplesPerPixel") or 1)
@@ -507,7 +511,7 @@ def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> tu
         raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
     if math.ceil(rows * columns * frames * samples * bits / 8) > max_decoded:
         raise ImageTooLargeError(f"The DICOM header declares more than {max_decoded} bytes of pixel data.")
-    return rows, columns, frames
+    return frames
 
 
 def _frame_index(frame: int | None, frames: int) -> int:
@@ -703,7 +707,7 @@ def _guarded(function, error: ImageInputError | None, *args, **kwargs):
 
 
 class _DropThreadRecords(logging.Filter):
-    """Drops pydicom's log records emitted by threads that are reading a DICOM file."""
+    """Drops the log records of threads that are inside ``_library_logs_dropped``."""
 
     def __init__(self):
         super().__init__()
@@ -714,34 +718,33 @@ class _DropThreadRecords(logging.Filter):
         return threading.get_ident() not in self.threads
 
 
-_PYDICOM_LOG_FILTER = _DropThreadRecords()
+_LIBRARY_LOG_FILTER = _DropThreadRecords()
+# pydicom logs element values (e.g. "Invalid value for VR DA: '...'", every element in debug mode);
+# Pillow's TIFF plugin logs tag values (ImageDescription, Artist ...) at debug level.
+_SILENCED_LOGGERS = ("pydicom", "PIL")
 
 
-class _pydicom_silenced:  # noqa: N801 - a context manager used like a function
-    """pydicom warns and logs with element values (e.g. "Invalid value for VR DA: '...'"): silence both."""
+class _library_logs_dropped:  # noqa: N801 - a context manager used like a function
+    """While this thread reads an image, pydicom's and Pillow's log records are dropped (other threads' are not)."""
 
     def __enter__(self):
         thread = threading.get_ident()
-        with _PYDICOM_LOG_FILTER.lock:
-            _PYDICOM_LOG_FILTER.threads[thread] = _PYDICOM_LOG_FILTER.threads.get(thread, 0) + 1
-            # Filters act only on the logger a record is created on: attach to every pydicom logger.
-            names = [name for name in list(logging.root.manager.loggerDict) if name.split(".")[0] == "pydicom"]
-            for name in ["pydicom", *names]:
+        with _LIBRARY_LOG_FILTER.lock:
+            _LIBRARY_LOG_FILTER.threads[thread] = _LIBRARY_LOG_FILTER.threads.get(thread, 0) + 1
+            # A logger's filters act only on records created on it: attach to every pydicom/PIL logger.
+            names = [name for name in list(logging.root.manager.loggerDict) if name.split(".")[0] in _SILENCED_LOGGERS]
+            for name in [*_SILENCED_LOGGERS, *names]:
                 logger = logging.getLogger(name)
-                if _PYDICOM_LOG_FILTER not in logger.filters:
-                    logger.addFilter(_PYDICOM_LOG_FILTER)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
+                if _LIBRARY_LOG_FILTER not in logger.filters:
+                    logger.addFilter(_LIBRARY_LOG_FILTER)
         return self
 
     def __exit__(self, *exc_info):
-        self._warnings.__exit__(*exc_info)
         thread = threading.get_ident()
-        with _PYDICOM_LOG_FILTER.lock:
-            remaining = _PYDICOM_LOG_FILTER.threads.pop(thread) - 1
+        with _LIBRARY_LOG_FILTER.lock:
+            remaining = _LIBRARY_LOG_FILTER.threads.pop(thread) - 1
             if remaining:
-                _PYDICOM_LOG_FILTER.threads[thread] = remaining
+                _LIBRARY_LOG_FILTER.threads[thread] = remaining
         return False
 
 

@@ -804,6 +804,21 @@ def test_canaries_never_leave_the_dicom_file(vqa, caplog, capfd):
     assert "QZX" in caplog.text
 
 
+def test_image_metadata_never_reaches_logs(caplog):
+    """Pillow's TIFF plugin logs tag values (description, artist) at debug level; not while we read."""
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[270], tags[315] = "QZX tiff description", "QZXARTIST"  # ImageDescription, Artist
+    tiff = encode(Image.new("L", (4, 4), 70), "TIFF", tiffinfo=tags)
+    caplog.set_level(logging.DEBUG)
+    loaded = load_image(tiff)
+    assert loaded.source_format == "TIFF" and loaded.metadata == {"width": 4, "height": 4}
+    assert_no_canary(caplog.text + json.dumps(loaded.warnings), "log records")
+    Image.open(io.BytesIO(tiff)).load()  # the same read outside load_image does log them
+    assert "QZXARTIST" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ pipeline
 
 
