@@ -97,7 +97,8 @@ def image_statistics(image: Image.Image, max_side: int = 512) -> dict[str, float
 
 
 class StatisticsRouter:
-    """Routes by image statistics alone; no model, deterministic, a few milliseconds per image.
+    """Routes by image statistics alone: no model, deterministic, ~10 ms per image on one CPU core
+    (``benchmarks/bench_router.py``).
 
     Thresholds were set on the repository's data (74 VQA-RAD scans, 40 matplotlib charts, JPEG
     re-compressed charts, synthetic colour photos) with margins on both sides; see the module docstring
