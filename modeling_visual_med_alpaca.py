@@ -313,7 +313,9 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
 
     Submodules keep their own classes and names, so each can be exported and served alone:
     ``captioner`` (`GitForCausalLM`), ``language_model`` (`AutoModelForCausalLM`) and
-    ``chart_reader`` (`Pix2StructForConditionalGeneration`, optional).
+    ``chart_reader`` (`Pix2StructForConditionalGeneration`, optional). The visual experts are built
+    from ``config.experts`` (one submodule per entry, named by its ``module``), so a bundle adds an
+    expert by adding an entry.
     """
 
     def __init__(self, config: VisualMedAlpacaConfig):
@@ -325,7 +327,13 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
             expert_config = config.expert_model_config(name)
             module = None
             if expert_config is not None:
-                module = getattr(transformers, spec["model_class"])(expert_config)
+                model_class = getattr(transformers, spec["model_class"], None)
+                if model_class is None:
+                    raise ModelLoadError(
+                        f"Expert '{name}' names model_class '{spec['model_class']}', which this transformers "
+                        f"version does not have ({transformers.__version__}); fix config.experts."
+                    )
+                module = model_class(expert_config)
             setattr(self, spec["module"], module)
         self.post_init()
 

@@ -35,6 +35,7 @@ class BenchmarkArguments:
 
 
 def _time_per_image(function, images, description: str) -> float:
+    function(images[0])  # warm-up: first-call allocations are not the steady-state cost
     start = time.perf_counter()
     for image in tqdm(images, desc=description, leave=False):
         function(image)

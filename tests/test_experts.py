@@ -220,6 +220,8 @@ def test_bad_expert_entries_are_typed_errors(tiny_parts):
     model, _, git_processor = _with_dermatology_expert(tiny_parts, kind="no_such_kind")
     with raises_typed(ModelLoadError, match="no_such_kind"):
         build_experts(model, {"radiology": git_processor, "dermatology": git_processor})
+    with raises_typed(ModelLoadError, match="NoSuchModel"):
+        _with_dermatology_expert(tiny_parts, model_class="NoSuchModel")
     with raises_typed(ModelLoadError, match="lacks"):
         VisualMedAlpacaConfig.from_dict({**tiny_parts[0].config.to_dict(), "experts": {"skin": {"kind": "captioner"}}})
 
