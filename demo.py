@@ -44,6 +44,7 @@ def main() -> None:
     print(f"Image:             {IMAGE.relative_to(REPO_ROOT)} (VQA-RAD, public domain)")
     print(f"Question:          {question}")
     print(f"Expert:            {record['expert']}")
+    print(f"Routing:           {record['routing']}")
     print(f"Intermediate text: {record['intermediate_text']}")
     print(f"Answer:            {record['answer']}")
     print(f"Warnings:          {record['warnings'] or 'none'}")

@@ -26,8 +26,9 @@ from __future__ import annotations
 import re
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GitForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -173,6 +174,45 @@ EXPERT_RADIOLOGY = "radiology"
 EXPERT_CHART = "chart"
 EXPERTS = (EXPERT_RADIOLOGY, EXPERT_CHART)
 
+# The built-in visual experts, as config entries. An entry says everything the model and the pipeline
+# need to know about an expert, so adding one (e.g. a dermatology captioner) is an entry in
+# ``config.experts`` (plus a small class in ``visual_experts.py`` only for a new *kind* of expert):
+#   kind                the run-time class in visual_experts.py ("captioner", "chart_table", ...)
+#   module              the model attribute holding its weights (also their prefix in the checkpoint)
+#   model_class         the transformers class built from the sub-config
+#   model_config        the name of a sub-config attribute of this config, or an inline config dict
+#                       (with "model_type") for experts added by users
+#   processor_class     the transformers processor class, loaded from the bundle's processor_subfolder
+#   processor_subfolder where the expert's processor is saved in the bundle
+#   prompt              the expert's text prompt (DePlot's header), or None
+#   router_label        what the zero-shot router matches images against for this expert
+# Optional: max_new_tokens (default: caption_max_new_tokens / chart_max_new_tokens), max_patches.
+DEFAULT_EXPERT_SPECS = {
+    EXPERT_RADIOLOGY: {
+        "kind": "captioner",
+        "module": "captioner",
+        "model_class": "GitForCausalLM",
+        "model_config": "captioner_config",
+        "processor_class": "GitProcessor",
+        "processor_subfolder": "captioner",
+        "prompt": None,
+        "router_label": "a radiology image: an X-ray, CT or MRI scan",
+    },
+    EXPERT_CHART: {
+        "kind": "chart_table",
+        "module": "chart_reader",
+        "model_class": "Pix2StructForConditionalGeneration",
+        "model_config": "chart_config",
+        "processor_class": "Pix2StructProcessor",
+        "processor_subfolder": "chart_reader",
+        "prompt": "Generate underlying data table of the figure below:",
+        "router_label": "a chart or plot of data from a scientific paper",
+    },
+}
+EXPERT_SPEC_KEYS = frozenset(
+    {"kind", "module", "model_class", "model_config", "processor_class", "processor_subfolder", "prompt"}
+)
+
 
 class VisualMedAlpacaConfig(PretrainedConfig):
     r"""Configuration of [`VisualMedAlpacaModel`].
@@ -183,6 +223,12 @@ class VisualMedAlpacaConfig(PretrainedConfig):
             causal LM; any `AutoModelForCausalLM` config works).
         chart_config (`dict` or `Pix2StructConfig`, *optional*): the chart reader, DePlot. Bundles without
             one answer chart questions through the captioner, with a warning.
+        experts (`dict`, *optional*): the visual experts, name -> entry (see ``DEFAULT_EXPERT_SPECS``);
+            defaults to the radiology captioner and the chart reader. Entries given here are merged
+            over the defaults, so a bundle adds an expert by adding one entry.
+        router_mode (`str`): ``"statistics"`` (default: image statistics, no extra model) or ``"zero-shot"``.
+        router_model (`str`, *optional*): a zero-shot image classification model (Hub id or folder),
+            used when ``router_mode="zero-shot"``.
         caption_max_new_tokens (`int`): caption length limit of the radiology expert.
         chart_max_new_tokens (`int`): table length limit of the chart expert.
         chart_max_patches (`int`): Pix2Struct patches per chart (passed explicitly; the processor's
@@ -200,12 +246,40 @@ class VisualMedAlpacaConfig(PretrainedConfig):
     captioner_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
     chart_config: dict | PretrainedConfig | None = None
+    experts: dict | None = None
+    router_mode: str = "statistics"
+    router_model: str | None = None
     caption_max_new_tokens: int = 48
     chart_max_new_tokens: int = 256
     chart_max_patches: int = 1024
     answer_max_new_tokens: int = 128
     max_prompt_tokens: int = 1536
     tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        experts = {name: dict(spec) for name, spec in DEFAULT_EXPERT_SPECS.items()}
+        for name, spec in (self.experts or {}).items():
+            merged = {**experts.get(name, {}), **spec}
+            missing = sorted(EXPERT_SPEC_KEYS - set(merged))
+            if missing:
+                raise ModelLoadError(
+                    f"Expert '{name}' in config.experts lacks {', '.join(missing)}; see DEFAULT_EXPERT_SPECS."
+                )
+            experts[name] = merged
+        self.experts = experts
+
+    def expert_model_config(self, name: str) -> PretrainedConfig | None:
+        """The sub-config of expert ``name``; ``None`` when the bundle does not include that expert."""
+        reference = self.experts[name]["model_config"]
+        if reference is None:
+            return None
+        if isinstance(reference, str):
+            return getattr(self, reference, None)
+        if isinstance(reference, PretrainedConfig):
+            return reference
+        reference = dict(reference)
+        return AutoConfig.for_model(reference.pop("model_type"), **reference)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,11 +290,15 @@ class VisualMedAlpacaConfig(PretrainedConfig):
 INT8_SKIP_MODULES = ["captioner", "chart_reader", "lm_head"]
 
 
-def int8_quantization_config():
-    """The bitsandbytes 8-bit config for a bundle: only the language model's blocks are quantised."""
+def int8_quantization_config(expert_modules=()):
+    """The bitsandbytes 8-bit config for a bundle: only the language model's blocks are quantised.
+
+    ``expert_modules`` names the modules of experts added in the config, which stay unquantised too.
+    """
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(INT8_SKIP_MODULES))
+    skip = list(dict.fromkeys([*INT8_SKIP_MODULES, *expert_modules]))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 class VisualMedAlpacaPreTrainedModel(PreTrainedModel):
@@ -245,19 +323,28 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
 
     Submodules keep their own classes and names, so each can be exported and served alone:
     ``captioner`` (`GitForCausalLM`), ``language_model`` (`AutoModelForCausalLM`) and
-    ``chart_reader`` (`Pix2StructForConditionalGeneration`, optional).
+    ``chart_reader`` (`Pix2StructForConditionalGeneration`, optional). The visual experts are built
+    from ``config.experts`` (one submodule per entry, named by its ``module``), so a bundle adds an
+    expert by adding an entry.
     """
 
     def __init__(self, config: VisualMedAlpacaConfig):
         super().__init__(config)
-        self.captioner = GitForCausalLM(config.captioner_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        if config.chart_config is not None:
-            from transformers import Pix2StructForConditionalGeneration
-
-            self.chart_reader = Pix2StructForConditionalGeneration(config.chart_config)
-        else:
-            self.chart_reader = None
+        # One submodule per configured expert, named by its entry (``captioner``, ``chart_reader`` ...);
+        # an expert without a sub-config is absent from this bundle (its attribute is None).
+        for name, spec in config.experts.items():
+            expert_config = config.expert_model_config(name)
+            module = None
+            if expert_config is not None:
+                model_class = getattr(transformers, spec["model_class"], None)
+                if model_class is None:
+                    raise ModelLoadError(
+                        f"Expert '{name}' names model_class '{spec['model_class']}', which this transformers "
+                        f"version does not have ({transformers.__version__}); fix config.experts."
+                    )
+                module = model_class(expert_config)
+            setattr(self, spec["module"], module)
         self.post_init()
 
     @classmethod
@@ -271,7 +358,12 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
         if load_in_8bit:
             if kwargs.get("quantization_config") is not None:
                 raise UnknownParameterError("Pass either load_in_8bit=True or quantization_config, not both.")
-            kwargs["quantization_config"] = int8_quantization_config()
+            config = kwargs.get("config")
+            if not isinstance(config, VisualMedAlpacaConfig):
+                location = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+                config = VisualMedAlpacaConfig.from_pretrained(pretrained_model_name_or_path, **location)
+            modules = [spec["module"] for spec in config.experts.values()]
+            kwargs["quantization_config"] = int8_quantization_config(modules)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         # Where the expert processors live: the same folder/repo at the same revision.
         model._bundle_source = {
@@ -281,39 +373,46 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
         return model
 
     def load_expert_processors(self) -> dict:
-        """The processors saved beside the weights: ``captioner/`` (GIT) and ``chart_reader/`` (Pix2Struct)."""
-        from transformers import GitProcessor, Pix2StructProcessor
-
+        """The processors saved beside the weights, one per present expert (``captioner/``, ``chart_reader/`` ...)."""
         source = getattr(self, "_bundle_source", None) or {"name_or_path": self.name_or_path}
         location = dict(source)
         name_or_path = location.pop("name_or_path")
         processors = {}
         # Explicit classes: AutoProcessor would read the root config without trust_remote_code and prompt.
-        subfolders = {EXPERT_RADIOLOGY: ("captioner", GitProcessor)}
-        if self.chart_reader is not None:
-            subfolders[EXPERT_CHART] = ("chart_reader", Pix2StructProcessor)
-        for expert, (subfolder, processor_class) in subfolders.items():
+        for expert in self.available_experts:
+            spec = self.config.experts[expert]
+            subfolder = spec["processor_subfolder"]
             try:
+                processor_class = getattr(transformers, spec["processor_class"])
                 processors[expert] = processor_class.from_pretrained(name_or_path, subfolder=subfolder, **location)
-            except (OSError, ValueError) as error:
+            except (AttributeError, OSError, ValueError) as error:
                 raise ModelLoadError(
                     f"Could not load the {expert} expert's processor from the '{subfolder}/' folder of the bundle "
                     f"({type(error).__name__}). Re-create the bundle or pass the processor explicitly."
                 ) from None
         return processors
 
-    @staticmethod
-    def save_expert_processors(save_directory, captioner_processor, chart_processor=None) -> None:
-        """Write the experts' processors where ``load_expert_processors`` finds them."""
+    def save_expert_processors(
+        self, save_directory, captioner_processor=None, chart_processor=None, **processors_by_expert
+    ) -> None:
+        """Write the experts' processors where ``load_expert_processors`` finds them (``processor_subfolder``)."""
         import os
 
-        captioner_processor.save_pretrained(os.path.join(save_directory, "captioner"))
-        if chart_processor is not None:
-            chart_processor.save_pretrained(os.path.join(save_directory, "chart_reader"))
+        processors = {EXPERT_RADIOLOGY: captioner_processor, EXPERT_CHART: chart_processor, **processors_by_expert}
+        for expert, processor in processors.items():
+            if processor is not None:
+                subfolder = self.config.experts[expert]["processor_subfolder"]
+                processor.save_pretrained(os.path.join(save_directory, subfolder))
+
+    def expert_module(self, name: str) -> nn.Module | None:
+        """The weights of expert ``name`` (``None`` when this bundle does not include it)."""
+        spec = self.config.experts.get(name)
+        return None if spec is None else getattr(self, spec["module"], None)
 
     @property
     def available_experts(self) -> tuple[str, ...]:
-        return (EXPERT_RADIOLOGY, EXPERT_CHART) if self.chart_reader is not None else (EXPERT_RADIOLOGY,)
+        """The configured experts whose weights are in this bundle, in config order."""
+        return tuple(name for name in self.config.experts if self.expert_module(name) is not None)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -377,6 +476,7 @@ __all__ = [
     "EXPERTS",
     "EXPERT_CHART",
     "EXPERT_RADIOLOGY",
+    "DEFAULT_EXPERT_SPECS",
     "PROMPT_TEMPLATES",
     "INT8_SKIP_MODULES",
     "ExpertUnavailableError",

@@ -11,8 +11,12 @@ Remote code: copied into the published Hub repository and imported by ``trust_re
 
 Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart"`` or ``None``),
 ``intermediate_text`` (exactly the caption/table the language model was given), ``image_metadata``
-(technical fields of the image only — never patient identity), ``prompt`` (with ``return_prompt=True``),
-``disclaimer`` and ``warnings``.
+(technical fields of the image only — never patient identity), ``routing`` (which expert the router
+chose, its score and how: ``statistics``, ``zero-shot``, ``forced`` or ``dicom``; ``None`` without an
+image), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
+
+Experts are plug-ins (``visual_experts.py``, described in ``config.experts``); the router
+(``image_router.py``) picks one per image unless the caller forces it with ``expert=...``.
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
@@ -23,16 +27,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import GenerationConfig, Pipeline
 
 try:
+    from .image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from .medical_image import LoadedImage, dicom_prompt_context, load_image
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
         EXPERT_RADIOLOGY,
-        EXPERTS,
         ExpertUnavailableError,
         InputError,
         InvalidImageError,
@@ -41,13 +44,14 @@ try:
         build_inference_prompt,
         neutralize_template_markers,
     )
+    from .visual_experts import build_experts
 except ImportError:  # imported from a checkout as a top-level module
+    from image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from medical_image import LoadedImage, dicom_prompt_context, load_image
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
         EXPERT_RADIOLOGY,
-        EXPERTS,
         ExpertUnavailableError,
         InputError,
         InvalidImageError,
@@ -56,6 +60,7 @@ except ImportError:  # imported from a checkout as a top-level module
         build_inference_prompt,
         neutralize_template_markers,
     )
+    from visual_experts import build_experts
 
 TASK = "visual-med-alpaca"
 INPUT_KEYS = frozenset({"image", "question", "expert"})
@@ -66,6 +71,10 @@ GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.s
 DICOM_ROUTING_WARNING = "DICOM images are always read by the radiology expert; the requested chart expert was not used."
 CHART_FALLBACK_WARNING = (
     "This bundle has no chart reader (DePlot): the chart was described by the radiology captioner instead."
+)
+NO_EXPERT_WARNING = (
+    "The image looks like neither a radiology image nor a chart, so no visual expert read it and the question "
+    "was answered without it. Pass expert='radiology' or expert='chart' to force one."
 )
 
 
@@ -79,7 +88,9 @@ class VisualMedAlpacaPipeline(Pipeline):
     # Generation is driven by _forward itself (two models, two generate calls).
     _pipeline_calls_generate = False
 
-    def __init__(self, *args, captioner_processor=None, chart_processor=None, **kwargs):
+    def __init__(
+        self, *args, captioner_processor=None, chart_processor=None, expert_processors=None, image_router=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         if self.tokenizer is None:
             raise InputError("The pipeline needs the language model's tokenizer (saved at the bundle root).")
@@ -87,9 +98,19 @@ class VisualMedAlpacaPipeline(Pipeline):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        processors = self.model.load_expert_processors() if captioner_processor is None else {}
-        self.captioner_processor = captioner_processor or processors.get(EXPERT_RADIOLOGY)
-        self.chart_processor = chart_processor or processors.get(EXPERT_CHART)
+        given = {EXPERT_RADIOLOGY: captioner_processor, EXPERT_CHART: chart_processor, **(expert_processors or {})}
+        given = {name: processor for name, processor in given.items() if processor is not None}
+        processors = {} if given else self.model.load_expert_processors()
+        processors.update(given)
+        self.experts = build_experts(self.model, processors)
+        self.captioner_processor = processors.get(EXPERT_RADIOLOGY)
+        self.chart_processor = processors.get(EXPERT_CHART) if EXPERT_CHART in self.experts else None
+        config = self.model.config
+        self.image_router = image_router or build_router(
+            config.router_mode,
+            model=config.router_model,
+            labels={name: spec["router_label"] for name, spec in config.experts.items() if spec.get("router_label")},
+        )
 
     # ------------------------------------------------------------------ parameters
 
@@ -107,9 +128,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         postprocess_params: dict[str, Any] = {}
 
         if expert is not None:
-            if expert not in EXPERTS and expert != "none":
-                raise UnknownParameterError(f"expert must be one of {', '.join(EXPERTS)} or 'none'.")
-            preprocess_params["expert"] = expert
+            preprocess_params["expert"] = _check_expert_name(expert, self.model.config.experts)
         if return_prompt is not None:
             postprocess_params["return_prompt"] = bool(return_prompt)
         if dicom_context:
@@ -151,9 +170,9 @@ class VisualMedAlpacaPipeline(Pipeline):
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 return []
-            inputs = [_normalise_request(item) for item in inputs]
+            inputs = [_normalise_request(item, self.model.config.experts) for item in inputs]
         else:
-            inputs = _normalise_request(inputs)
+            inputs = _normalise_request(inputs, self.model.config.experts)
         return super().__call__(inputs, **kwargs)
 
     # ------------------------------------------------------------------ stages
@@ -166,41 +185,50 @@ class VisualMedAlpacaPipeline(Pipeline):
         requested = request.get("expert") or expert
         image_features = None
         chosen = None
+        routing = None
         image_metadata: dict = {}
-        if request.get("image") is not None and requested != "none":
+        if request.get("image") is not None and requested == "none":
+            routing = RoutingDecision(expert=None, score=None, mode=MODE_FORCED).as_record()
+        elif request.get("image") is not None:
             loaded: LoadedImage = load_image(request["image"])
             warnings.extend(loaded.warnings)
             image_metadata = dict(loaded.metadata)
-            chosen = requested or EXPERT_RADIOLOGY
-            if loaded.is_dicom and chosen != EXPERT_RADIOLOGY:
-                warnings.append(DICOM_ROUTING_WARNING)
-                chosen = EXPERT_RADIOLOGY
-            if chosen == EXPERT_CHART and self.chart_processor is None:
-                warnings.append(CHART_FALLBACK_WARNING)
-                chosen = EXPERT_RADIOLOGY
-            if chosen == EXPERT_RADIOLOGY:
-                pixel_values = self.captioner_processor(images=loaded.image, return_tensors="pt").pixel_values
-                image_features = {"pixel_values": pixel_values}
-            else:
-                patches = self.chart_processor(
-                    images=loaded.image,
-                    return_tensors="pt",
-                    max_patches=self.model.config.chart_max_patches,
+            decision = self._route(loaded, requested, warnings)
+            routing = decision.as_record()
+            chosen = decision.expert
+            if chosen is None:
+                warnings.append(NO_EXPERT_WARNING)
+            elif chosen not in self.experts:
+                # A configured expert this bundle lacks (typically the chart reader): the captioner reads it.
+                warnings.append(
+                    CHART_FALLBACK_WARNING
+                    if chosen == EXPERT_CHART
+                    else f"This bundle has no '{chosen}' expert: the radiology captioner read the image instead."
                 )
-                image_features = {
-                    "flattened_patches": patches["flattened_patches"],
-                    "attention_mask": patches["attention_mask"],
-                }
-        elif request.get("image") is None and requested in EXPERTS:
+                chosen = EXPERT_RADIOLOGY
+            if chosen is not None:
+                image_features = self.experts[chosen].prepare(loaded.image)
+        elif requested is not None and requested != "none":
             warnings.append(f"expert={requested!r} was requested but no image was given; answered without one.")
         # Values are plain Python / dicts so the default collate passes them through as lists.
         return {
             "question": question,
             "expert": chosen,
+            "routing": routing,
             "image_features": image_features,
             "image_metadata": image_metadata,
             "warnings": warnings,
         }
+
+    def _route(self, loaded: LoadedImage, requested: str | None, warnings: list[str]) -> RoutingDecision:
+        """Who reads the image: the caller's choice, radiology for DICOM, else the router's decision."""
+        if loaded.is_dicom:  # before the caller's choice: DICOM is always radiology
+            if requested not in (None, EXPERT_RADIOLOGY):
+                warnings.append(DICOM_ROUTING_WARNING)
+            return RoutingDecision(expert=EXPERT_RADIOLOGY, score=1.0, mode=MODE_DICOM)
+        if requested is not None:
+            return RoutingDecision(expert=requested, score=1.0, mode=MODE_FORCED)
+        return self.image_router.route(loaded.image)
 
     def _forward(
         self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None, dicom_context: bool = False
@@ -226,6 +254,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "answer": answers,
             "expert": experts,
             "image_metadata": metadata,
+            "routing": model_inputs["routing"] if batched else [model_inputs["routing"]],
             "intermediate_text": intermediate_texts,
             "prompt": prompts,
             "warnings": warnings,
@@ -239,7 +268,7 @@ class VisualMedAlpacaPipeline(Pipeline):
     ) -> list[str | None]:
         """Visual-expert stage: one batched run per expert; texts come back in input order."""
         intermediate_texts: list[str | None] = [None] * len(experts)
-        for expert_name in EXPERTS:
+        for expert_name in self.experts:
             indices = [i for i, name in enumerate(experts) if name == expert_name]
             if not indices:
                 continue
@@ -267,16 +296,9 @@ class VisualMedAlpacaPipeline(Pipeline):
         return [answer.strip() for answer in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
 
     def _run_expert(self, expert_name: str, features: list[dict], generate_kwargs: dict) -> list[str]:
-        if expert_name == EXPERT_RADIOLOGY:
-            pixel_values = torch.cat([f["pixel_values"] for f in features], dim=0)
-            ids = self.model.caption_images(pixel_values, **generate_kwargs)
-            return self.captioner_processor.batch_decode(ids, skip_special_tokens=True)
-        if self.chart_processor is None:
-            raise ExpertUnavailableError("This bundle has no chart reader; use expert='radiology'.")
-        patches = torch.cat([f["flattened_patches"] for f in features], dim=0)
-        mask = torch.cat([f["attention_mask"] for f in features], dim=0)
-        ids = self.model.read_charts(patches, mask, **generate_kwargs)
-        return self.chart_processor.batch_decode(ids, skip_special_tokens=True)
+        if expert_name not in self.experts:
+            raise ExpertUnavailableError(f"This bundle has no '{expert_name}' expert; use expert='radiology'.")
+        return self.experts[expert_name].read(features, **generate_kwargs)
 
     def postprocess(self, model_outputs: dict, return_prompt: bool = False) -> dict:
         record = {
@@ -284,6 +306,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "expert": model_outputs["expert"],
             "intermediate_text": model_outputs["intermediate_text"],
             "image_metadata": model_outputs["image_metadata"],
+            "routing": model_outputs["routing"],
             "disclaimer": DISCLAIMER,
             "warnings": list(model_outputs["warnings"]),
         }
@@ -301,7 +324,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         """
         super().save_pretrained(save_directory, **kwargs)
         self.model.save_expert_processors(
-            save_directory, captioner_processor=self.captioner_processor, chart_processor=self.chart_processor
+            save_directory, **{name: expert.processor for name, expert in self.experts.items()}
         )
 
 
@@ -313,7 +336,13 @@ def register_pipeline() -> None:
     PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=VisualMedAlpacaPipeline, pt_model=AutoModel)
 
 
-def _normalise_request(request) -> dict:
+def _check_expert_name(expert, known_experts) -> str:
+    if not isinstance(expert, str) or (expert not in known_experts and expert != "none"):
+        raise UnknownParameterError(f"expert must be one of {', '.join(known_experts)} or 'none'.")
+    return expert
+
+
+def _normalise_request(request, known_experts) -> dict:
     """Validate one request; errors name the problem, never the payload."""
     if isinstance(request, str):
         request = {"question": request}
@@ -330,8 +359,8 @@ def _normalise_request(request) -> dict:
     if not isinstance(question, str) or not question.strip():
         raise MissingQuestionError("Each input needs a non-empty 'question' string.")
     expert = request.get("expert")
-    if expert is not None and expert not in EXPERTS and expert != "none":
-        raise UnknownParameterError(f"expert must be one of {', '.join(EXPERTS)} or 'none'.")
+    if expert is not None:
+        _check_expert_name(expert, known_experts)
     image = request.get("image")
     if isinstance(image, str) and not image.strip():
         raise InvalidImageError("The 'image' string is empty; pass a path, bytes, or leave 'image' out.")

@@ -123,6 +123,64 @@ def build_pix2struct_processor(vocab_size: int = 300, patch_size: int = 16):
     return Pix2StructProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def save_zero_shot_classifier(output_dir, labels, seed: int = 0) -> Path:
+    """A tiny CLIP (``zero-shot-image-classification``) with an in-process tokenizer, saved to ``output_dir``.
+
+    ``labels`` are the texts it will be asked about (they train the tokenizer); used to test the router's
+    zero-shot mode, which accepts any such model.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        [*labels, "This is a photo of {}."] * 5,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    # CLIP pools the text at the end-of-text token: every text must end with one.
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        special_tokens=[("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(output_dir)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output_dir)
+    return Path(output_dir)
+
+
 def build_config(
     git_processor,
     llama_tokenizer,
@@ -178,7 +236,8 @@ def build_config(
         chart_config = Pix2StructConfig(
             vision_config={
                 "hidden_size": 32,
-                "patch_embed_hidden_size": 32,
+                # Each flattened patch is patch_size * patch_size * 3 pixel values (plus row/column ids).
+                "patch_embed_hidden_size": 16 * 16 * 3,
                 "d_ff": 64,
                 "d_kv": 8,
                 "num_hidden_layers": 2,

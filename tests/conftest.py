@@ -41,3 +41,29 @@ def vqa(bundle_dir):
 def radiology_images():
     """Real VQA-RAD images shipped in the repository (public domain)."""
     return sorted(VQA_RAD_IMAGES.glob("*.jpg"))[:4]
+
+
+CHARTS_DIR = REPO_ROOT / "data" / "charts"
+NON_MEDICAL_DIR = REPO_ROOT / "data" / "non_medical"
+
+
+@pytest.fixture(scope="session")
+def chart_parts():
+    """A tiny bundle with the DePlot chart reader (Pix2Struct) as well."""
+    from tiny_bundle import build_bundle
+
+    return build_bundle(seed=0, with_chart_reader=True)
+
+
+@pytest.fixture(scope="session")
+def chart_bundle_dir(chart_parts, tmp_path_factory):
+    from tiny_bundle import save_bundle
+
+    return save_bundle(tmp_path_factory.mktemp("chart-bundle") / "visual-med-alpaca", *chart_parts)
+
+
+@pytest.fixture(scope="session")
+def chart_vqa(chart_bundle_dir):
+    from transformers import pipeline
+
+    return pipeline(model=str(chart_bundle_dir), trust_remote_code=True)
