@@ -298,7 +298,7 @@ def _env():
 
 
 def test_sigkilled_run_resumes_to_the_same_final_state(tiny_llama_dir, train_file, tmp_path):
-    args = [str(a) for a in ("--max_steps", "5")]
+    args = ["--max_steps", "5"]
     # Uninterrupted reference.
     reference = main(*parse(tiny_llama_dir, train_file, tmp_path / "reference", *args))
     # A real process that SIGKILLs itself in step 3, after checkpoint-2 was written.
@@ -325,7 +325,19 @@ def test_sigkilled_run_resumes_to_the_same_final_state(tiny_llama_dir, train_fil
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     assert sorted(p.name for p in killed_dir.glob("checkpoint-*")) == ["checkpoint-2"]
 
-    resumed = main(*parse(tiny_llama_dir, train_file, killed_dir, *args, "--resume_from_checkpoint", "last"))
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        trained = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.trained.append(state.global_step)
+
+    resumed = main(
+        *parse(tiny_llama_dir, train_file, killed_dir, *args, "--resume_from_checkpoint", "last"),
+        callbacks=[CountSteps()],
+    )
+    assert CountSteps.trained == [3, 4, 5]  # continued after checkpoint-2 instead of starting over
     assert resumed.state.global_step == reference.state.global_step == 5
     resumed_steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
     assert resumed_steps == [1, 2, 3, 4, 5]  # steps 1-2 restored from the checkpoint's state, 3-5 trained again
