@@ -55,6 +55,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from med_alpaca_data import (
     TrainingDataError,
@@ -184,6 +185,32 @@ class MedAlpacaSFTTrainer(SFTTrainer):
                 "of --fp16, then resume with --resume_from_checkpoint."
             )
         return loss
+
+
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """Packed rows stay rows, with position_ids restarting at each record and no attention mask.
+
+    TRL's padding-free collator flattens a micro-batch of packed rows into one sequence: ideal for
+    flash-attention's varlen kernels, but sdpa/eager then attend over ``(rows x max_length)^2`` positions. Kept
+    as rows, transformers builds a block-diagonal causal mask per row from the position_ids (records never see
+    each other) and attention costs ``rows x max_length^2``. Padding at the end of a row is a block of its own.
+    """
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        positions = self.get_position_ids_from_packed_seq_lengths([example["seq_lengths"] for example in examples])
+        longest = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+        position_ids = torch.arange(longest).repeat(len(examples), 1)
+        for row, (example, row_positions) in enumerate(zip(examples, positions, strict=True)):
+            length = len(example["input_ids"])
+            input_ids[row, :length] = torch.tensor(example["input_ids"])
+            labels[row, :length] = torch.tensor(example["labels"])
+            position_ids[row, :length] = row_positions
+            position_ids[row, length:] = torch.arange(longest - length)
+        # A record's first token is never predicted from the previous record's last one.
+        labels[position_ids == 0] = -100
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +364,9 @@ def main(
         quantization_config=get_quantization_config(model_args),
         callbacks=callbacks,
     )
+    attention = str(getattr(trainer.model.config, "_attn_implementation", None))
+    if trainer.padding_free and training_args.packing and "flash" not in attention:
+        trainer.data_collator = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
     _print_derived_numbers(trainer, training_args, report)
     trainer.train(resume_from_checkpoint=resume)
 

@@ -20,7 +20,7 @@ from med_alpaca_data import (
     write_jsonl,
 )
 from modeling_visual_med_alpaca import DISCLAIMER, build_training_prompt
-from train_sft import HubPushError, TrainingRunError, main, make_parser, push_to_hub
+from train_sft import HubPushError, PackedRowsCollator, TrainingRunError, main, make_parser, push_to_hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
@@ -153,6 +153,34 @@ def test_packed_rows_train_on_completions_only(lora_run):
     for row in rows:
         assert any(label != -100 for label in row["labels"])
         assert sum(label != -100 for label in row["labels"]) < len(row["input_ids"])
+
+
+def test_packed_rows_keep_records_apart(lora_run, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer, _, _ = lora_run
+    assert isinstance(trainer.data_collator, PackedRowsCollator)  # sdpa: rows, not one flattened sequence
+    first, second = [1, 10, 11, 12, 13], [1, 20, 21, 22]
+    batch = PackedRowsCollator(pad_token_id=3)(
+        [
+            {"input_ids": first + second, "labels": first + second, "seq_lengths": [5, 4]},
+            {"input_ids": second, "labels": second, "seq_lengths": [4]},
+        ]
+    )
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 3, 0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [
+        [-100, 10, 11, 12, 13, -100, 20, 21, 22],
+        [-100, 20, 21, 22, -100, -100, -100, -100, -100],
+    ]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache, transformers does not read packing from position_ids.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone_first = model(input_ids=torch.tensor([first])).logits[0]
+        alone_second = model(input_ids=torch.tensor([second])).logits[0]
+    torch.testing.assert_close(packed[0, :5], alone_first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 5:], alone_second, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1, :4], alone_second, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_adapter_holds_trained_lora_tensors(lora_run):
