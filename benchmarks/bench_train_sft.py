@@ -94,6 +94,7 @@ def main_benchmark() -> None:
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per config; the fastest counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -107,23 +108,32 @@ def main_benchmark() -> None:
             "--pad_to_multiple_of", "8",
             "--train_on_inputs", "true",
         ]  # fmt: skip
-        results = [
-            run("ours (packed, padding-free)", model_dir, data_file, workdir / "ours", []),
-            run(
-                "alpaca-lora style (pad to longest, group_by_length)",
-                model_dir,
-                data_file,
-                workdir / "alpaca",
-                alpaca_lora_style,
-            ),
+        configs = [
+            ("ours (packed rows, completion-only loss)", []),
+            ("alpaca-lora style (pad to longest, group_by_length)", alpaca_lora_style),
         ]
+        # Alternate the configurations so load from other processes hits both alike; keep each one's fastest run.
+        results = {}
+        for repeat in range(args.repeats):
+            for name, extra in configs:
+                result = run(name, model_dir, data_file, workdir / f"run{repeat}-{len(results)}", extra)
+                if name not in results or result["tokens_per_s"] > results[name]["tokens_per_s"]:
+                    results[name] = result
+        results = [results[name] for name, _ in configs]
     ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-    summary = {"model": f"LLaMA hidden {args.hidden}, {args.layers} layers", "records": args.records, "runs": results}
+    summary = {
+        "model": f"LLaMA hidden {args.hidden}, {args.layers} layers",
+        "records": args.records,
+        "repeats": args.repeats,
+        "runs": results,
+    }
     summary["speedup"] = round(ratio, 2)
     if args.json:
         print(json.dumps(summary))
         return
-    print(f"\n{summary['model']}, {args.records} records, 1 epoch, LoRA, max length {MAX_LENGTH}")
+    print(
+        f"\n{summary['model']}, {args.records} records, 1 epoch, LoRA, max length {MAX_LENGTH}, best of {args.repeats}"
+    )
     for result in results:
         print(
             f"  {result['config']:<52} {result['tokens_per_s']:>9.1f} tokens/s  "
