@@ -58,14 +58,17 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from med_alpaca_data import (
-    TrainingDataError,
     load_instruction_records,
     to_prompt_completion,
     validate_instruction_records,
 )
-from modeling_visual_med_alpaca import DISCLAIMER, VisualMedAlpacaError
+from modeling_visual_med_alpaca import DISCLAIMER, InputError, VisualMedAlpacaError
 
 MERGED_SUBDIR = "merged"
+
+
+class TrainingConfigError(InputError):
+    """Flags that cannot work together, or a required flag that is missing."""
 
 
 class TrainingRunError(VisualMedAlpacaError):
@@ -322,10 +325,12 @@ def main(
 ):
     """Validate the data, train, save (and merge / push). Returns the trainer."""
     if model_args.model_name_or_path is None:
-        raise TrainingDataError("Pass --model_name_or_path (a local folder or a Hub id of a causal LM).")
+        raise TrainingConfigError("Pass --model_name_or_path (a local folder or a Hub id of a causal LM).")
     push_requested = training_args.push_to_hub
     if push_requested and not training_args.hub_model_id:
-        raise TrainingDataError("--push_to_hub needs --hub_model_id org/name.")
+        raise TrainingConfigError("--push_to_hub needs --hub_model_id org/name.")
+    if script_args.merge and not model_args.use_peft:
+        raise TrainingConfigError("--merge merges a LoRA adapter; a full fine-tune (--use_peft false) has none.")
     # The script pushes itself (private by default, retries, model card); the Trainer must not reach the Hub.
     training_args.push_to_hub = False
     training_args.completion_only_loss = not script_args.train_on_inputs
@@ -353,7 +358,7 @@ def main(
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
         if resume is None:
-            raise TrainingDataError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
+            raise TrainingConfigError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
 
     trainer = MedAlpacaSFTTrainer(
         model=model_args.model_name_or_path,
@@ -376,7 +381,7 @@ def main(
     final_dir = output_dir
     if trainer.accelerator.is_main_process:
         trainer.accelerator.print(f"Saved to {output_dir}")
-        if script_args.merge and model_args.use_peft:
+        if script_args.merge:
             final_dir = merge_adapter(
                 model_args.model_name_or_path,
                 output_dir,

@@ -20,7 +20,15 @@ from med_alpaca_data import (
     write_jsonl,
 )
 from modeling_visual_med_alpaca import DISCLAIMER, build_training_prompt
-from train_sft import HubPushError, PackedRowsCollator, TrainingRunError, main, make_parser, push_to_hub
+from train_sft import (
+    HubPushError,
+    PackedRowsCollator,
+    TrainingConfigError,
+    TrainingRunError,
+    main,
+    make_parser,
+    push_to_hub,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
@@ -275,6 +283,20 @@ def test_validation_counts_planted_bad_records(tiny_llama_dir, tmp_path, capsys)
     message = str(error.value)
     assert "9 of 29 records" in message and "--max_dropped_share" in message
     assert "finding finding" not in message and "Name the organ" not in message  # no payload echoed
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--merge", "--use_peft", "false"], "--merge merges a LoRA adapter"),
+        (["--push_to_hub"], "--hub_model_id"),
+        (["--resume_from_checkpoint", "last"], "no checkpoint in"),
+    ],
+)
+def test_conflicting_flags_fail_before_training(tiny_llama_dir, train_file, tmp_path, flags, expected):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TrainingConfigError, match=expected):
+        main(*parse(tiny_llama_dir, train_file, tmp_path / "out", *flags))
 
 
 def test_recipes_hold_the_original_hyperparameters():
