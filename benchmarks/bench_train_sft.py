@@ -12,6 +12,11 @@ The records have the length spread of instruction data like ``med_alpaca_data_cl
 lengths drawn from log-normal distributions (a median record of about 170 tokens, a tail up to ``max_length``),
 filled with real ROCO captions. Throughput counts real (non-padding) tokens per second of ``train_runtime``.
 
+On a CPU, packing pays a dense masked attention over each 512-token row (sdpa cannot use its fused causal
+kernel with a block-diagonal mask, and FlexAttention has no CPU backward), while ``group_by_length`` already
+removes most padding: measured there, packing does not win. Its gain is expected where varlen attention kernels
+exist (flash-attention on GPU); run this script on such a machine before relying on it.
+
     python benchmarks/bench_train_sft.py            # prints both numbers and the ratio
     python benchmarks/bench_train_sft.py --json     # the same as one JSON object
 """
