@@ -189,6 +189,16 @@ class MedAlpacaSFTTrainer(SFTTrainer):
             )
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counted = self._total_train_tokens
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        position_ids = inputs.get("position_ids")
+        if self.model.training and "attention_mask" not in inputs and position_ids is not None:
+            # TRL counts the tokens of a padding-free batch as one row; PackedRowsCollator batches hold several.
+            self._total_train_tokens = counted + (self._total_train_tokens - counted) * position_ids.size(0)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
+
 
 class PackedRowsCollator(DataCollatorForLanguageModeling):
     """Packed rows stay rows, with position_ids restarting at each record and no attention mask.

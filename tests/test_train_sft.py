@@ -180,6 +180,12 @@ def test_packed_rows_keep_records_apart(lora_run, tiny_llama_dir):
         [-100, 10, 11, 12, 13, -100, 20, 21, 22],
         [-100, 20, 21, 22, -100, -100, -100, -100, -100],
     ]
+    # The logged token count covers every row of a packed batch.
+    counted = trainer._total_train_tokens
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, {key: value.clone() for key, value in batch.items()})
+    assert trainer._total_train_tokens - counted == batch["input_ids"].numel()
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     with torch.no_grad():
         # use_cache=False as in training: with a cache, transformers does not read packing from position_ids.
