@@ -181,6 +181,49 @@ def save_zero_shot_classifier(output_dir, labels, seed: int = 0) -> Path:
     return Path(output_dir)
 
 
+def build_llama_config(
+    llama_tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 2048
+):
+    """The tiny Med-Alpaca language model's LlamaConfig (the bundle's text model and the training tests use it)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(llama_tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=llama_tokenizer.pad_token_id,
+        bos_token_id=llama_tokenizer.bos_token_id,
+        eos_token_id=llama_tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llama(seed: int = 0, llama_tokenizer=None, **sizes):
+    """A standalone tiny ``LlamaForCausalLM`` and its tokenizer: the base model of the training tests and benchmark.
+
+    ``sizes`` are those of ``build_llama_config`` (hidden, layers, heads, max_positions). Keep ``hidden`` and
+    ``hidden * 2`` multiples of 64 so the 4-bit (nf4) path works on CPU.
+    """
+    from transformers import LlamaForCausalLM
+
+    llama_tokenizer = llama_tokenizer or build_llama_tokenizer()
+    config = build_llama_config(llama_tokenizer, **sizes)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), llama_tokenizer
+
+
+def save_tiny_llama(output_dir, seed: int = 0, **sizes) -> Path:
+    """Save ``build_tiny_llama`` as a folder any ``--model_name_or_path`` accepts."""
+    model, llama_tokenizer = build_tiny_llama(seed=seed, **sizes)
+    model.save_pretrained(output_dir)
+    llama_tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
 def build_config(
     git_processor,
     llama_tokenizer,
@@ -194,7 +237,7 @@ def build_config(
     llama_heads: int = 4,
     max_positions: int = 2048,
 ) -> VisualMedAlpacaConfig:
-    from transformers import GitConfig, LlamaConfig, Pix2StructConfig
+    from transformers import GitConfig, Pix2StructConfig
 
     git_tokenizer = git_processor.tokenizer
     captioner_config = GitConfig(
@@ -217,18 +260,8 @@ def build_config(
         bos_token_id=git_tokenizer.cls_token_id,
         eos_token_id=git_tokenizer.sep_token_id,
     )
-    text_config = LlamaConfig(
-        vocab_size=len(llama_tokenizer),
-        hidden_size=llama_hidden,
-        intermediate_size=llama_hidden * 2,
-        num_hidden_layers=llama_layers,
-        num_attention_heads=llama_heads,
-        num_key_value_heads=llama_heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=llama_tokenizer.pad_token_id,
-        bos_token_id=llama_tokenizer.bos_token_id,
-        eos_token_id=llama_tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    text_config = build_llama_config(
+        llama_tokenizer, hidden=llama_hidden, layers=llama_layers, heads=llama_heads, max_positions=max_positions
     )
     chart_config = None
     if chart_processor is not None:
