@@ -182,7 +182,7 @@ def read_imagefolder(folder: str | os.PathLike, caption_column: str | None = Non
         caption = row.get(column)
         records.append(
             CaptionRecord(
-                name or f"{folder.name}:row{len(records)}",
+                str(row.get("id") or name or f"{folder.name}:row{len(records)}"),
                 caption if isinstance(caption, str) else "",
                 str(folder / name) if name else None,
             )
@@ -521,7 +521,8 @@ def write_model_card(output_dir: Path, model_args: GitModelArguments, metrics: d
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag="image-to-text",
-        base_model=model_args.model_name_or_path,
+        # Only a Hub id is a valid base_model; a local folder's path means nothing on the Hub.
+        base_model=None if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
         tags=["medical", "radiology", "image-captioning", "git", "visual-med-alpaca", "research-only"],
     )
     metric_lines = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()))
