@@ -59,7 +59,7 @@ from trl import TrlParser
 
 from caption_metrics import score_captions
 from medical_image import load_image
-from modeling_visual_med_alpaca import DISCLAIMER, ImageInputError, InputError
+from modeling_visual_med_alpaca import DISCLAIMER, ImageInputError, InputError, ModelLoadError, VisualMedAlpacaError
 
 logger = logging.getLogger("train_git")
 
@@ -590,6 +590,22 @@ class CaptionTrainingResult:
     push_error: str | None = None
 
 
+def load_captioner(model_args: GitModelArguments) -> tuple[GitProcessor, GitForCausalLM]:
+    processor_source = model_args.processor_name_or_path or model_args.model_name_or_path
+    try:
+        processor = GitProcessor.from_pretrained(processor_source)
+        model = GitForCausalLM.from_pretrained(model_args.model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Could not load a GitProcessor from {processor_source!r} and a GitForCausalLM from "
+            f"{model_args.model_name_or_path!r} ({type(error).__name__}): pass a local folder holding both, or a Hub "
+            "id that is reachable or already in the Hugging Face cache."
+        ) from error
+    # GIT must not receive token_type_ids (DESIGN.md §4); microsoft/git-base's tokenizer would emit them.
+    processor.tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return processor, model
+
+
 def _resume_checkpoint(training_args: TrainingArguments) -> str | None:
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "no", "none"):
@@ -618,13 +634,10 @@ def main(
     output_dir = Path(training_args.output_dir)
     is_main = training_args.process_index == 0
 
-    processor = GitProcessor.from_pretrained(model_args.processor_name_or_path or model_args.model_name_or_path)
-    # GIT must not receive token_type_ids (DESIGN.md §4); microsoft/git-base's tokenizer would emit them.
-    processor.tokenizer.model_input_names = ["input_ids", "attention_mask"]
-
     splits, report = prepare_caption_data(
         data_args, training_args.seed, show_progress=is_main, report_dir=output_dir if is_main else None
     )
+    processor, model = load_captioner(model_args)
     train_dataset = CaptionDataset(splits["train"], processor, model_args.max_caption_tokens)
     eval_dataset = (
         CaptionDataset(splits["validation"], processor, model_args.max_caption_tokens)
@@ -643,7 +656,6 @@ def main(
             dict(report.normalised_modes),
         )
 
-    model = GitForCausalLM.from_pretrained(model_args.model_name_or_path)
     trainer = CaptionTrainer(
         model=model,
         args=training_args,
@@ -726,9 +738,9 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         main(*parse_args())
-    except CaptionDataError as error:
-        logger.error("%s", error)
-        sys.exit(2)
+    except VisualMedAlpacaError as error:  # bad data or an unloadable model: a clear message, no traceback
+        logger.error("%s: %s", type(error).__name__, error)
+        sys.exit(error.exit_code)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -462,3 +462,31 @@ def test_two_process_accelerate_run_from_a_config_file(tiny_git_dir, caption_csv
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
     args = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert "eval_bleu4" in args
+
+
+def test_config_file_sets_defaults_and_the_command_line_overrides_them(tmp_path):
+    import yaml
+
+    from train_git import parse_args
+
+    (tmp_path / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {"train_file": "train.csv", "output_dir": "med-git", "learning_rate": 1e-4, "max_bad_fraction": 0.1}
+        )
+    )
+    model_args, data_args, training_args = parse_args(
+        ["--config", str(tmp_path / "recipe.yaml"), "--learning_rate", "3e-5"]
+    )
+    assert model_args.model_name_or_path == "microsoft/git-base"
+    assert data_args.train_file == "train.csv" and data_args.max_bad_fraction == 0.1
+    assert training_args.learning_rate == 3e-5 and training_args.output_dir == "med-git"
+
+
+def test_an_unloadable_model_is_a_typed_error_after_the_data_check(caption_csvs, tmp_path):
+    from modeling_visual_med_alpaca import ModelLoadError
+    from train_git import main, parse_args
+
+    args = parse_args(cli_args(tmp_path / "no-such-model", tmp_path / "out") + csv_args(caption_csvs))
+    with pytest.raises(ModelLoadError, match="pass a local folder holding both"):
+        main(*args)
+    assert json.loads((tmp_path / "out" / "bad_rows.json").read_text()) == []
