@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -131,6 +132,7 @@ class CaptionRecord:
     example_id: str
     caption: str
     image: Any  # a path, or a zero-argument callable returning what load_image accepts
+    problem: str | None = None  # set when the row itself could not be parsed
 
 
 @dataclass
@@ -159,7 +161,11 @@ def read_caption_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike |
         if missing:
             raise CaptionDataError(f"{csv_path.name} lacks the columns {sorted(missing)}: expected id,name,caption.")
         return [
-            CaptionRecord(row["id"] or f"{csv_path.name}:{line}", row["caption"] or "", str(image_dir / row["name"]))
+            CaptionRecord(
+                row["id"] or f"{csv_path.name}:line{line}",
+                row["caption"] or "",
+                str(image_dir / row["name"]) if row["name"] else None,
+            )
             for line, row in enumerate(reader, start=2)
         ]
 
@@ -168,8 +174,14 @@ def read_imagefolder(folder: str | os.PathLike, caption_column: str | None = Non
     """An imagefolder-style folder: ``metadata.jsonl`` or ``metadata.csv`` with ``file_name`` and ``text``."""
     folder = Path(folder)
     if (folder / "metadata.jsonl").is_file():
+        rows = []
         with (folder / "metadata.jsonl").open(encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        rows.append({"_problem": f"metadata.jsonl line {number} is not valid JSON"})
     elif (folder / "metadata.csv").is_file():
         with (folder / "metadata.csv").open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -177,14 +189,15 @@ def read_imagefolder(folder: str | os.PathLike, caption_column: str | None = Non
         raise CaptionDataError(f"No metadata.jsonl or metadata.csv in {folder}: add one with file_name and text.")
     column = caption_column or next((c for c in CAPTION_COLUMNS if rows and c in rows[0]), "text")
     records = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         name = str(row.get("file_name") or "")
         caption = row.get(column)
         records.append(
             CaptionRecord(
-                str(row.get("id") or name or f"{folder.name}:row{len(records)}"),
+                str(row.get("id") or name or f"{folder.name}/metadata:row{number}"),
                 caption if isinstance(caption, str) else "",
                 str(folder / name) if name else None,
+                row.get("_problem"),
             )
         )
     return records
@@ -327,6 +340,8 @@ def load_caption_splits(args: CaptionDataArguments) -> dict[str, list[CaptionRec
 
 def _check_record(record: CaptionRecord) -> tuple[str | None, str | None]:
     """``(reason it is bad or None, image mode that was normalised or None)``."""
+    if record.problem:
+        return record.problem, None
     if not record.caption.strip():
         return "empty caption", None
     try:
@@ -334,15 +349,13 @@ def _check_record(record: CaptionRecord) -> tuple[str | None, str | None]:
         load_image(source)
     except ImageInputError as error:
         return str(error), None
-    except (OSError, ValueError, KeyError):  # a datasets row that cannot be read at all
+    except (OSError, ValueError, KeyError, TypeError):  # a datasets row that cannot be read at all
         return "the image could not be read", None
-    mode = None
-    if isinstance(source, (str, os.PathLike, bytes)):
-        import io
-
-        with Image.open(source if not isinstance(source, bytes) else io.BytesIO(source)) as opened:
-            mode = opened.mode if opened.mode not in NATIVE_MODES else None
-    return None, mode
+    try:  # only to count the modes the loader normalised; formats PIL cannot open (DICOM) are not counted
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            return None, (opened.mode if opened.mode not in NATIVE_MODES else None)
+    except (OSError, ValueError, TypeError):
+        return None, None
 
 
 @dataclass

@@ -156,7 +156,7 @@ def test_collator_labels_are_minus_100_exactly_at_padding(tiny_git_dir, caption_
 
 @pytest.fixture(scope="module")
 def messy_data(tmp_path_factory, roco_rows):
-    """Twelve real captions; four rows are bad, three images have odd modes that are normalised."""
+    """Twelve real captions; five rows are bad, three images have odd modes that are normalised."""
     root = tmp_path_factory.mktemp("messy")
     rows = [dict(row) for row in roco_rows[:12]]
     write_images(root / "images", rows)
@@ -166,11 +166,12 @@ def messy_data(tmp_path_factory, roco_rows):
     (images / rows[1]["name"]).write_bytes(data[: len(data) // 2])  # truncated PNG
     (images / rows[2]["name"]).write_bytes(b"this is not an image at all")  # unreadable
     rows[3]["caption"] = " \n"  # empty caption
+    rows[7]["name"] = ""  # names no image
     ramp = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).astype(np.uint16)
     Image.fromarray(ramp).save(images / rows[4]["name"], format="PNG")  # 16-bit grayscale
     Image.new("RGBA", (40, 40), (200, 10, 10, 128)).save(images / rows[5]["name"], format="PNG")
     Image.new("CMYK", (40, 40), (10, 200, 30, 0)).save(images / rows[6]["name"], format="JPEG")
-    bad_ids = {rows[i]["id"] for i in range(4)}
+    bad_ids = {rows[i]["id"] for i in (0, 1, 2, 3, 7)}
     return write_csv(root / "train.csv", rows), bad_ids
 
 
@@ -190,7 +191,7 @@ def test_bad_rows_are_skipped_counted_and_named(messy_data):
     assert any("not found" in r for r in reasons.values()) and any(r == "empty caption" for r in reasons.values())
     assert all("\n" not in r and "ROCO" not in r for r in reasons.values())  # no payload echoed
     assert dict(report.normalised_modes) == {"I;16": 1, "RGBA": 1, "CMYK": 1}
-    assert len(splits["train"]) == 8
+    assert len(splits["train"]) == 7
     assert all(r.caption == r.caption.strip() and r.caption for r in splits["train"])
 
 
@@ -199,7 +200,7 @@ def test_too_many_bad_rows_fail_clearly_and_list_them(messy_data, tmp_path):
 
     train_csv, bad_ids = messy_data
     args = CaptionDataArguments(train_file=str(train_csv), image_dir=str(train_csv.parent / "images"))
-    with pytest.raises(CaptionDataError, match=r"4 of 12 rows \(33\.3%\) are unusable.*max_bad_fraction"):
+    with pytest.raises(CaptionDataError, match=r"5 of 12 rows \(41\.7%\) are unusable.*max_bad_fraction"):
         prepare_caption_data(args, show_progress=False, report_dir=tmp_path)
     listed = json.loads((tmp_path / "bad_rows.json").read_text())
     assert {row["example_id"] for row in listed} == bad_ids
@@ -219,12 +220,14 @@ def test_imagefolder_roco_and_datasets_layouts_give_the_same_rows(tmp_path, roco
     with (tmp_path / "folder" / "train" / "metadata.jsonl").open("w") as handle:
         for row in rows[:4]:
             handle.write(json.dumps({"file_name": row["name"], "text": row["caption"], "id": row["id"]}) + "\n")
+        handle.write('{"file_name": "broken.png", "text": \n')  # a malformed line is a bad row, not a crash
     with (tmp_path / "folder" / "validation" / "metadata.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file_name", "text"])
         writer.writerows([row["name"], row["caption"]] for row in rows[4:])
     folder = load_caption_splits(CaptionDataArguments(data_dir=str(tmp_path / "folder")))
-    assert [(r.example_id, r.caption.strip()) for r in folder["train"]] == expected[:4]  # ids from metadata
+    assert [(r.example_id, r.caption.strip()) for r in folder["train"][:4]] == expected[:4]  # ids from metadata
+    assert folder["train"][4].problem == "metadata.jsonl line 5 is not valid JSON"
     assert [r.example_id for r in folder["validation"]] == [r["name"] for r in rows[4:]]  # no id: the file name
     assert len(folder["validation"]) == 2 and os.path.isfile(folder["validation"][0].image)
 
@@ -266,7 +269,7 @@ def test_training_loss_falls_and_saves_a_loadable_captioner(tiny_git_dir, captio
     from modeling_visual_med_alpaca import DISCLAIMER
     from train_git import main, parse_args
 
-    # Training rows: the messy set (4 bad rows, 3 odd modes) - it must train and report them at the end.
+    # Training rows: the messy set (5 bad rows, 3 odd modes) - it must train and report them at the end.
     train_csv, bad_ids = messy_data
     args = parse_args(
         cli_args(tiny_git_dir, tmp_path / "out", "--max_steps", "24", "--eval_strategy", "no", "--save_strategy", "no")
@@ -292,8 +295,8 @@ def test_training_loss_falls_and_saves_a_loadable_captioner(tiny_git_dir, captio
     card = (out / "README.md").read_text()
     assert DISCLAIMER in card and "eval_cider" in card
     summary = json.loads((out / "run_summary.json").read_text())
-    assert len(result.trainer.train_dataset) == 6 and len(result.trainer.eval_dataset) == 2
-    assert summary["bad_rows"] == 4 and summary["world_size"] == 1 and summary["hub_url"] is None
+    assert len(result.trainer.train_dataset) == 5 and len(result.trainer.eval_dataset) == 2
+    assert summary["bad_rows"] == 5 and summary["world_size"] == 1 and summary["hub_url"] is None
 
 
 def test_batched_evaluation_captions_equal_one_at_a_time(tiny_git_dir, caption_csvs):
