@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from tests.conftest import REPO_ROOT
 from tiny_bundle import ROCO_CAPTIONS_CSV, build_captioner
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CSV_FIELDS = ["id", "name", "caption"]
 
