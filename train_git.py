@@ -121,7 +121,9 @@ class CaptionDataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
-    image_check_workers: int = field(default=8, metadata={"help": "Threads that check every image before training."})
+    image_threads: int = field(
+        default=8, metadata={"help": "Threads that decode images: the check before training, evaluation captions."}
+    )
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -410,7 +412,7 @@ def prepare_caption_data(
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
     report = DataReport()
     splits = {
-        split: check_records(rows[: limits[split]], split, report, args.image_check_workers, show_progress)
+        split: check_records(rows[: limits[split]], split, report, args.image_threads, show_progress)
         for split, rows in raw.items()
     }
     if report_dir is not None:
@@ -475,20 +477,34 @@ class CaptionCollator:
 
 
 def generate_captions(
-    model, dataset: CaptionDataset, batch_size: int, process_index: int = 0, num_processes: int = 1, **generate_kwargs
+    model,
+    dataset: CaptionDataset,
+    batch_size: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    image_threads: int = 4,
+    **generate_kwargs,
 ) -> list[tuple[int, str]]:
-    """Greedy/beam captions for this process's share of ``dataset``, ``batch_size`` images per ``generate``."""
+    """``(index, caption)`` for this process's share of ``dataset``, ``batch_size`` images per ``generate``.
+
+    Images of the next batch are decoded by ``image_threads`` threads while the current batch generates.
+    """
     indices = list(range(process_index, len(dataset), num_processes))
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     tokenizer = dataset.processor.tokenizer
     captions = []
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(indices), batch_size), desc="Generating captions", disable=process_index != 0):
-        batch = indices[start : start + batch_size]
-        pixel_values = torch.stack([dataset.pixel_values(i) for i in batch]).to(model.device, dtype=model.dtype)
-        with torch.inference_mode():
-            generated = model.generate(pixel_values=pixel_values, **generate_kwargs)
-        captions.extend(zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True))
+    with ThreadPoolExecutor(max_workers=max(1, image_threads)) as pool:
+        pending = [pool.submit(dataset.pixel_values, i) for i in batches[0]] if batches else []
+        for number, batch in enumerate(tqdm(batches, desc="Generating captions", disable=process_index != 0)):
+            pixel_values = torch.stack([future.result() for future in pending])
+            if number + 1 < len(batches):
+                pending = [pool.submit(dataset.pixel_values, i) for i in batches[number + 1]]
+            pixel_values = pixel_values.to(model.device, dtype=model.dtype)
+            with torch.inference_mode():
+                generated = model.generate(pixel_values=pixel_values, **generate_kwargs)
+            captions.extend(zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True))
     model.train(was_training)
     return captions
 
@@ -496,10 +512,18 @@ def generate_captions(
 class CaptionTrainer(Trainer):
     """``Trainer`` whose evaluation adds BLEU-4 / ROUGE-L / CIDEr of batched generated captions to the loss."""
 
-    def __init__(self, *args, generation_kwargs: dict | None = None, caption_metrics: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        generation_kwargs: dict | None = None,
+        caption_metrics: bool = True,
+        image_threads: int = 4,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = caption_metrics
+        self.image_threads = image_threads
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
@@ -515,6 +539,7 @@ class CaptionTrainer(Trainer):
                 self.args.per_device_eval_batch_size,
                 self.args.process_index,
                 self.args.world_size,
+                self.image_threads,
                 **self.generation_kwargs,
             )
             if self.args.world_size > 1:
@@ -682,6 +707,7 @@ def main(
             "num_beams": model_args.generation_num_beams,
         },
         caption_metrics=model_args.caption_metrics,
+        image_threads=data_args.image_threads,
     )
     train_output = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
     trainer.save_model(str(output_dir))  # safetensors weights + config + the GitProcessor
