@@ -224,23 +224,12 @@ def save_tiny_llama(output_dir, seed: int = 0, **sizes) -> Path:
     return Path(output_dir)
 
 
-def build_config(
-    git_processor,
-    llama_tokenizer,
-    chart_processor=None,
-    *,
-    git_hidden: int = 32,
-    git_layers: int = 2,
-    image_size: int = 32,
-    llama_hidden: int = 64,
-    llama_layers: int = 2,
-    llama_heads: int = 4,
-    max_positions: int = 2048,
-) -> VisualMedAlpacaConfig:
-    from transformers import GitConfig, Pix2StructConfig
+def build_git_config(git_processor, *, git_hidden: int = 32, git_layers: int = 2, image_size: int = 32):
+    """The tiny GitConfig recipe (Med-GIT's architecture at test size), sized to ``git_processor``'s tokenizer."""
+    from transformers import GitConfig
 
     git_tokenizer = git_processor.tokenizer
-    captioner_config = GitConfig(
+    return GitConfig(
         vision_config={
             "hidden_size": git_hidden,
             "intermediate_size": git_hidden * 2,
@@ -259,6 +248,35 @@ def build_config(
         pad_token_id=git_tokenizer.pad_token_id,
         bos_token_id=git_tokenizer.cls_token_id,
         eos_token_id=git_tokenizer.sep_token_id,
+    )
+
+
+def build_captioner(seed: int = 0, **sizes):
+    """A tiny, randomly initialised Med-GIT: ``(GitForCausalLM, GitProcessor)`` (for ``train_git.py`` tests)."""
+    from transformers import GitForCausalLM
+
+    git_processor = build_git_processor(image_size=sizes.get("image_size", 32))
+    torch.manual_seed(seed)
+    return GitForCausalLM(build_git_config(git_processor, **sizes)).eval(), git_processor
+
+
+def build_config(
+    git_processor,
+    llama_tokenizer,
+    chart_processor=None,
+    *,
+    git_hidden: int = 32,
+    git_layers: int = 2,
+    image_size: int = 32,
+    llama_hidden: int = 64,
+    llama_layers: int = 2,
+    llama_heads: int = 4,
+    max_positions: int = 2048,
+) -> VisualMedAlpacaConfig:
+    from transformers import Pix2StructConfig
+
+    captioner_config = build_git_config(
+        git_processor, git_hidden=git_hidden, git_layers=git_layers, image_size=image_size
     )
     text_config = build_llama_config(
         llama_tokenizer, hidden=llama_hidden, layers=llama_layers, heads=llama_heads, max_positions=max_positions
