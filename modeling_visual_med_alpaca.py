@@ -61,7 +61,6 @@ PROMPT_TEMPLATES = {
 }
 
 
-
 def _alpaca_chat_template() -> str:
     """A chat template whose user turn renders exactly the no-image inference prompt.
 
@@ -294,6 +293,11 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
             "name_or_path": str(pretrained_model_name_or_path),
             **{k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs},
         }
+        # pipeline() hands over huggingface_hub's ResolvedRevision (a str equal to what was asked, e.g. "main"):
+        # keep the commit it resolved to, so the processors come from exactly the weights' commit.
+        resolved = getattr(model._bundle_source.get("revision"), "resolved", None)
+        if resolved:
+            model._bundle_source["revision"] = str(resolved)
         return model
 
     def load_expert_processors(self) -> dict:
@@ -318,14 +322,22 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
                 ) from None
         return processors
 
-    @staticmethod
-    def save_expert_processors(save_directory, captioner_processor, chart_processor=None) -> None:
-        """Write the experts' processors where ``load_expert_processors`` finds them."""
+    def save_expert_processors(self, save_directory, captioner_processor, chart_processor=None) -> None:
+        """Write the experts' processors where ``load_expert_processors`` finds them, each beside its config.
+
+        The config makes each subfolder self-describing: ``AutoTokenizer`` (inside ``GitProcessor``) reads
+        ``<subfolder>/config.json`` first, and from a Hub cache with ``HF_HUB_OFFLINE=1`` a missing one is a
+        hard error, not a fallback.
+        """
         import os
 
-        captioner_processor.save_pretrained(os.path.join(save_directory, "captioner"))
+        subfolders = [("captioner", captioner_processor, self.config.captioner_config)]
         if chart_processor is not None:
-            chart_processor.save_pretrained(os.path.join(save_directory, "chart_reader"))
+            subfolders.append(("chart_reader", chart_processor, self.config.chart_config))
+        for subfolder, processor, config in subfolders:
+            processor.save_pretrained(os.path.join(save_directory, subfolder))
+            if config is not None:
+                config.save_pretrained(os.path.join(save_directory, subfolder))
 
     @property
     def available_experts(self) -> tuple[str, ...]:

@@ -303,7 +303,11 @@ def _trainer_state(checkpoint: str | None) -> dict:
     state_file = next((p for p in candidates if p.is_file()), None)
     if state_file is None:
         return {}
-    state = _read_json(state_file)
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        print(f"Note: {state_file.name} in {folder.name} is unreadable; the card leaves that run's numbers out.")
+        return {}
     summary = {
         key: state[key] for key in ("num_train_epochs", "max_steps", "global_step", "train_batch_size") if key in state
     }

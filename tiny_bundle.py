@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 ROCO_CAPTIONS_CSV = REPO_ROOT / "data" / "roco" / "roco_val_captions.csv"
 VQA_RAD_DIR = REPO_ROOT / "data" / "vqa_rad_dev"
 
+
 @functools.lru_cache(maxsize=1)
 def roco_captions(limit: int | None = None) -> tuple[str, ...]:
     """Real ROCO captions, stripped of the spaces/newlines the CSV wraps them in."""
