@@ -23,6 +23,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -50,6 +51,17 @@ PARAMETERS = {
 }
 
 
+INPUT_KEYS = ("question", "image", "expert")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def _names(keys) -> str:
+    """Unknown key names for an error message: short identifiers only, so a key cannot smuggle data into it."""
+    shown = sorted(key for key in keys if isinstance(key, str) and _PLAIN_NAME.fullmatch(key))
+    hidden = len(keys) - len(shown)
+    return ", ".join(shown + ([f"{hidden} more not shown"] if hidden else []))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -68,7 +80,6 @@ class EndpointHandler:
         self.pipeline = pipeline(model=path, **load_kwargs)
         # The bundle's error hierarchy, from the remote code the pipeline loaded (one definition).
         errors = sys.modules[type(self.pipeline.model).__module__]
-        self.Error = errors.VisualMedAlpacaError
         self.InputError = errors.InputError
         self.MissingQuestionError = errors.MissingQuestionError
         self.UnknownParameterError = errors.UnknownParameterError
@@ -107,6 +118,11 @@ class EndpointHandler:
             item = {"question": item}
         if not isinstance(item, dict):
             raise self.InputError('Each input must be an object {"question": ..., "image": ...} or a question string.')
+        unknown = set(item) - set(INPUT_KEYS)
+        if unknown:
+            raise self.UnknownParameterError(
+                f"Unknown input key(s): {_names(unknown)}. Accepted keys: {', '.join(INPUT_KEYS)}."
+            )
         question = item.get("question")
         if isinstance(question, str) and len(question) > MAX_QUESTION_CHARS:
             raise self.PayloadTooLargeError(f"The question is longer than {MAX_QUESTION_CHARS} characters.")
@@ -133,10 +149,10 @@ class EndpointHandler:
     def _parameters(self, parameters: Any) -> dict:
         if not isinstance(parameters, dict):
             raise self.InputError('"parameters" must be a JSON object.')
-        unknown = sorted(set(parameters) - set(PARAMETERS))
+        unknown = set(parameters) - set(PARAMETERS)
         if unknown:
             raise self.UnknownParameterError(
-                f"Unknown parameter(s): {', '.join(unknown)}. Accepted: {', '.join(sorted(PARAMETERS))}."
+                f"Unknown parameter(s): {_names(unknown)}. Accepted: {', '.join(sorted(PARAMETERS))}."
             )
         for name, value in parameters.items():
             check, expected = PARAMETERS[name]
@@ -147,7 +163,8 @@ class EndpointHandler:
     # ------------------------------------------------------------------ errors
 
     def _error_response(self, error: Exception) -> dict:
-        if isinstance(error, self.Error):
+        # Matched by name: the pipeline and the model may each hold a copy of the remote-code error classes.
+        if any(cls.__name__ == "VisualMedAlpacaError" for cls in type(error).__mro__):
             return {"error": str(error), "error_type": type(error).__name__, "status": error.http_status}
         # Unexpected: log the type only (a message could quote the payload) and keep serving.
         logger.error("Unexpected %s while answering a request.", type(error).__name__)
