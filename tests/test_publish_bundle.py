@@ -350,3 +350,16 @@ def test_pipeline_loads_by_repo_id_and_revision_from_the_hub_cache(bundle_dir, r
 
     local = pipeline(model=str(bundle_dir), trust_remote_code=True)
     assert local({"image": str(radiology_images[0]), "question": "What is seen?"}) == payload["record"]
+
+
+def test_command_line_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    command = [sys.executable, str(REPO_ROOT / "publish_bundle.py"), "--captioner_checkpoint", str(empty)]
+    command += ["--language_model", str(empty), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Med-GIT checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
