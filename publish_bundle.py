@@ -89,12 +89,14 @@ class PublishArguments:
     captioner_checkpoint: str = field(
         metadata={"help": "Med-GIT folder: GitForCausalLM weights + config + GitProcessor files (train_git.py)."}
     )
-    language_model: str = field(
-        metadata={
-            "help": "Med-Alpaca: the base causal LM (folder or Hub id) the adapter was trained on, or a merged LM."
-        }
-    )
     output_dir: str = field(metadata={"help": "Where the Hub repository folder is written."})
+    language_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Med-Alpaca: the unquantised base causal LM (folder or Hub id) the adapter was trained on, or a "
+            "merged LM. Default with --adapter: the adapter's base_model_name_or_path."
+        },
+    )
     adapter: str | None = field(
         default=None, metadata={"help": "PEFT LoRA adapter folder to merge into --language_model (train_sft.py)."}
     )
@@ -326,9 +328,9 @@ def training_details(args: PublishArguments) -> dict[str, dict]:
     if args.adapter:
         lora = _read_json(Path(args.adapter) / "adapter_config.json")
         details["Med-Alpaca LoRA (merged)"] = {
-            key: (sorted(lora[key]) if isinstance(lora[key], (list, set)) else lora[key])
+            key: (", ".join(sorted(lora[key])) if isinstance(lora[key], list) else lora[key])
             for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
-            if key in lora
+            if lora.get(key) is not None
         }
     for section, checkpoint in (
         ("Med-Alpaca training run", args.adapter),
@@ -513,6 +515,13 @@ def main(args: PublishArguments, api=None) -> dict:
     """Build, verify and (with ``repo_id``) push; returns what was done, for tests and scripts."""
     dtype = DTYPES[args.dtype]
     output_dir = Path(args.output_dir)
+    if args.repo_id and not args.verify:
+        raise InputError("A bundle is pushed only after it was verified: drop --no_verify or --repo_id.")
+    if args.language_model is None:
+        base = _read_json(Path(args.adapter) / "adapter_config.json") if args.adapter else {}
+        if not base.get("base_model_name_or_path"):
+            raise InputError("Pass --language_model (the base the adapter was trained on, or a merged model).")
+        args.language_model = base["base_model_name_or_path"]
     steps = 5 + bool(args.repo_id)
     print(f"[1/{steps}] Loading Med-GIT from {args.captioner_checkpoint} ...", flush=True)
     captioner, captioner_processor = load_captioner(args.captioner_checkpoint, dtype)

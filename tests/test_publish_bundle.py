@@ -4,6 +4,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -180,7 +181,8 @@ def test_model_card_metadata_and_sections(published):
     assert text.count(DISCLAIMER) == 2
     assert 'model_kwargs={"load_in_8bit": True}' in text and 'device_map="auto"' in text and "revision=" in text
     # Hyper-parameters from the adapter config and the trainer state; the eval table.
-    assert "| r | 8 |" in text and "| lora_alpha | 16 |" in text and "| final_train_loss | 1.25 |" in text
+    assert "| r | 8 |" in text and "| lora_alpha | 16 |" in text and "| target_modules | q_proj, v_proj |" in text
+    assert "| final_train_loss | 1.25 |" in text and "| None |" not in text and "Datasets: `org/roco-captions`" in text
     assert "| VQA-RAD | test | closed/accuracy | 0.5 |" in text
 
 
@@ -254,14 +256,26 @@ def test_push_is_private_by_default_and_prints_the_pin(published, capsys):
     assert hub.calls[1][1]["folder_path"] == str(output_dir)
 
 
-def test_main_pushes_after_verifying_and_a_failed_push_keeps_the_folder(trained_parts, tmp_path, capsys):
+def test_main_pushes_only_verified_bundles_and_a_failed_push_keeps_the_folder(trained_parts, tmp_path, capsys):
+    from modeling_visual_med_alpaca import InputError
     from publish_bundle import PushError, main
 
+    # A train_sft.py adapter names its base: --language_model may then be left out.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_parts.adapter, adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**adapter_config, "base_model_name_or_path": str(trained_parts.base)})
+    )
     output_dir = tmp_path / "bundle"
-    args = _args(trained_parts, output_dir, repo_id="org/visual-med-alpaca", verify=False, max_shard_size="2GB")
+    with pytest.raises(InputError, match="verified"):
+        main(_args(trained_parts, output_dir, repo_id="org/visual-med-alpaca", verify=False))
+    assert not output_dir.exists()
+    args = _args(trained_parts, output_dir, repo_id="org/visual-med-alpaca", max_shard_size="2GB")
+    args.language_model, args.adapter = None, str(adapter)
     hub = _RecordingHub()
     result = main(args, api=hub)
-    assert hub.calls[0][1]["private"] is True
+    assert hub.calls[0][1]["private"] is True and len(result["verification"]) == 2
     out = capsys.readouterr().out
     assert f'revision="{result["commit_sha"]}"' in out and 'pipeline(model="org/visual-med-alpaca"' in out
     # The card's loading snippet names the repository.
@@ -269,18 +283,17 @@ def test_main_pushes_after_verifying_and_a_failed_push_keeps_the_folder(trained_
 
     failing = tmp_path / "bundle-failing"
     with pytest.raises(PushError) as raised:
-        main(_args(trained_parts, failing, repo_id="org/visual-med-alpaca", verify=False), api=_RecordingHub(True))
+        main(_args(trained_parts, failing, repo_id="org/visual-med-alpaca"), api=_RecordingHub(True))
     assert str(failing) in str(raised.value) and "kept" in str(raised.value)
     assert (failing / "config.json").is_file() and (failing / "README.md").is_file()
 
     offline = tmp_path / "bundle-offline"  # the real HfApi under HF_HUB_OFFLINE=1
     with pytest.raises(PushError, match="kept"):
-        main(_args(trained_parts, offline, repo_id="org/visual-med-alpaca", verify=False))
+        main(_args(trained_parts, offline, repo_id="org/visual-med-alpaca"))
     assert (offline / "config.json").is_file()
 
 
 def test_quantised_base_is_refused(trained_parts, tmp_path):
-    import shutil
 
     from modeling_visual_med_alpaca import InputError
     from publish_bundle import load_language_model
