@@ -121,6 +121,13 @@ class PublishArguments:
     verify: bool = field(
         default=True, metadata={"help": "Load the folder with pipeline(...) and answer once before pushing."}
     )
+    export_language_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the merged Med-Alpaca alone (weights + tokenizer with chat template) to this folder, "
+            "for OpenAI-compatible servers: transformers serve / vLLM / TGI cannot serve the composite model."
+        },
+    )
     repo_id: str | None = field(default=None, metadata={"help": "Push to this Hub repository (org/name)."})
     private: bool = field(
         default=True, metadata={"help": "Create the Hub repository private (--no_private to publish)."}
@@ -540,6 +547,10 @@ def main(args: PublishArguments, api=None) -> dict:
     shutil.copyfile(ENDPOINT_HANDLER, output_dir / "handler.py")
     (output_dir / "requirements.txt").write_text(endpoint_requirements())
     render_model_card(args, model, output_dir)
+    if args.export_language_model:
+        language_model.save_pretrained(args.export_language_model, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(args.export_language_model)
+        print(f"      The merged language model alone: {args.export_language_model}")
     leftovers = find_leftovers(output_dir)
     if leftovers:
         raise ModelLoadError(f"Training leftovers in the bundle: {', '.join(leftovers)}. Nothing was pushed.")

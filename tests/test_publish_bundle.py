@@ -86,6 +86,7 @@ def published(trained_parts, tmp_path_factory):
     )
     output_dir = tmp_path_factory.mktemp("publish") / "visual-med-alpaca"
     args = _args(trained_parts, output_dir, eval_results_json=str(eval_json), datasets=["org/roco-captions"])
+    args.export_language_model = str(output_dir.parent / "med-alpaca-merged")
     return output_dir, main(args)
 
 
@@ -136,6 +137,14 @@ def test_merged_weights_equal_the_adapter_model(published, trained_parts, tiny_p
         base = tiny_parts[0].language_model(**encoded).logits
     assert torch.allclose(merged, adapter, atol=1e-4)
     assert (merged - base).abs().max() > 1e-2  # the merge was not a no-op
+    # The exported LM alone (for OpenAI-compatible servers) is the same merged model, with the chat template.
+    from transformers import AutoModelForCausalLM
+
+    export = output_dir.parent / "med-alpaca-merged"
+    with torch.no_grad():
+        alone = AutoModelForCausalLM.from_pretrained(str(export))(**encoded).logits
+    assert torch.equal(alone, merged)
+    assert AutoTokenizer.from_pretrained(str(export)).chat_template == ALPACA_CHAT_TEMPLATE
     # The captioner is the Med-GIT checkpoint, unchanged.
     for name, tensor in tiny_parts[0].captioner.state_dict().items():
         assert torch.equal(bundle.captioner.state_dict()[name], tensor), name
