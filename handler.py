@@ -12,7 +12,8 @@ and calls it with each request's JSON body::
 It answers with a list of records (the pipeline's record contract: ``answer``, ``expert``,
 ``intermediate_text``, ``image_metadata``, ``disclaimer``, ``warnings``, and ``prompt`` on request), one
 per input. Bad input gives ``{"error": message, "error_type": name, "status": http_status}``: the message
-says what was wrong and never contains the payload; the handler keeps serving.
+says what was wrong and never contains the payload; the handler keeps serving. (The toolkit sends any
+return value with HTTP 200, so clients check for ``error`` and read ``status``.)
 
 Only installed packages are imported: the error types are those of the bundle's own remote code.
 """

@@ -306,9 +306,8 @@ def _trainer_state(checkpoint: str | None) -> dict:
         return {}
     folder = Path(checkpoint)
     candidates = [folder / "trainer_state.json"]
-    candidates += sorted(
-        folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
-    )[::-1]
+    numbered = [p for p in folder.glob("checkpoint-*/trainer_state.json") if p.parent.name[11:].isdigit()]
+    candidates += sorted(numbered, key=lambda p: int(p.parent.name[11:]), reverse=True)  # the latest first
     state_file = next((p for p in candidates if p.is_file()), None)
     if state_file is None:
         return {}
