@@ -385,3 +385,15 @@ def test_command_line_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Med-GIT checkpoint" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_trainer_state_comes_from_the_latest_numbered_checkpoint(tmp_path):
+    from publish_bundle import _trainer_state
+
+    for name, step in (("checkpoint-5", 5), ("checkpoint-10", 10), ("checkpoint-final", 99)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    assert _trainer_state(str(tmp_path)) == {"global_step": 10}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 12}))  # the run's own state wins
+    assert _trainer_state(str(tmp_path)) == {"global_step": 12}
+    assert _trainer_state(str(tmp_path / "missing")) == {}
