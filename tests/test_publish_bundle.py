@@ -397,3 +397,34 @@ def test_trainer_state_comes_from_the_latest_numbered_checkpoint(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 12}))  # the run's own state wins
     assert _trainer_state(str(tmp_path)) == {"global_step": 12}
     assert _trainer_state(str(tmp_path / "missing")) == {}
+
+
+def test_published_handler_serves_from_the_repository_folder_alone(published, radiology_images, tmp_path):
+    """As on an endpoint: a fresh process, no checkout importable, handler.py loaded from the bundle folder."""
+    output_dir, _ = published
+    script = textwrap.dedent(
+        f"""
+        import base64, importlib.util, json
+        assert importlib.util.find_spec("modeling_visual_med_alpaca") is None
+        spec = importlib.util.spec_from_file_location("handler", {str(output_dir / "handler.py")!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        handler = module.EndpointHandler(path={str(output_dir)!r})
+        image = base64.b64encode(open({str(radiology_images[0])!r}, "rb").read()).decode()
+        parameters = {{"max_new_tokens": 4}}
+        good = handler({{"inputs": {{"image": image, "question": "What is seen?"}}, "parameters": parameters}})
+        bad = handler({{"inputs": {{"image": "%%%", "question": "What is seen?"}}}})
+        again = handler({{"inputs": "What is a stroke?"}})
+        print(json.dumps({{"good": good, "bad": bad, "again": again}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(payload["good"][0]) == RECORD_KEYS and payload["good"][0]["expert"] == "radiology"
+    assert (payload["bad"]["status"], payload["bad"]["error_type"]) == (422, "InvalidImageError")
+    assert payload["again"][0]["expert"] is None
