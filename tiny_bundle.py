@@ -18,21 +18,16 @@ from pathlib import Path
 
 import torch
 
-from modeling_visual_med_alpaca import PROMPT_TEMPLATES, VisualMedAlpacaConfig, VisualMedAlpacaModel
+from modeling_visual_med_alpaca import (
+    ALPACA_CHAT_TEMPLATE,
+    PROMPT_TEMPLATES,
+    VisualMedAlpacaConfig,
+    VisualMedAlpacaModel,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 ROCO_CAPTIONS_CSV = REPO_ROOT / "data" / "roco" / "roco_val_captions.csv"
 VQA_RAD_DIR = REPO_ROOT / "data" / "vqa_rad_dev"
-
-# Role-play chat template for the merged language model: turns become the Alpaca no-image prompt.
-ALPACA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}"
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{{ message['content'] }}\n\n### Response:\n"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
-    "{% endfor %}"
-)
 
 
 @functools.lru_cache(maxsize=1)
@@ -333,19 +328,9 @@ def build_bundle(seed: int = 0, with_chart_reader: bool = False, **sizes):
 
 def save_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor=None) -> Path:
     """Save a loadable bundle: weights, config with ``auto_map``/``custom_pipelines``, remote code, processors."""
-    from pipeline_vqa import VisualMedAlpacaPipeline, register_pipeline
+    from publish_bundle import save_pipeline_bundle
 
-    register_pipeline()
-    pipe = VisualMedAlpacaPipeline(
-        model=model,
-        tokenizer=llama_tokenizer,
-        captioner_processor=git_processor,
-        chart_processor=chart_processor,
-        task="visual-med-alpaca",
-        device=-1,
-    )
-    pipe.save_pretrained(output_dir)
-    return Path(output_dir)
+    return save_pipeline_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor)
 
 
 def main() -> None:
