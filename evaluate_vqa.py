@@ -623,7 +623,14 @@ def score_vqa(examples: list[Example], predictions: dict[str, dict]) -> tuple[li
     """Per-question records with scores (dataset order) and the report's metric sections."""
     scored = []
     for example in examples:
+        # The dataset, not the prediction file, is the authority on the truth.
         record = dict(predictions[example.qid])
+        record.update(
+            answer=example.answer,
+            answer_type=example.answer_type,
+            question_type=example.question_type,
+            organ=example.organ,
+        )
         record["scores"] = score_question(record["prediction"], example.answer, example.answer_type)
         scored.append(record)
     metrics = {
@@ -779,12 +786,31 @@ def load_pipeline(args: EvaluationArguments, device):
     )
 
 
+def process_state():
+    """accelerate's PartialState, on CPU when asked (or when several processes run without CUDA).
+
+    PartialState reads ACCELERATE_USE_CPU only through its ``cpu`` argument; without it, CPU processes
+    started by ``accelerate launch``/``torchrun`` each believe they are alone and would all do every question.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world_size:
+        raise InputError(
+            f"{world_size} processes were launched but accelerate formed a group of {state.num_processes}. "
+            "On CPU launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N evaluate_vqa.py"
+        )
+    return state
+
+
 def main(args: EvaluationArguments) -> dict | None:
     """Run (or resume) the evaluation; the main process returns the report, the others None."""
-    from accelerate import PartialState
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    state = PartialState()
+    state = process_state()
     try:
         output_dir = Path(args.output_dir)
         examples = load_examples(args)

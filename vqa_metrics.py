@@ -290,13 +290,14 @@ def breakdown(scored: Iterable[Mapping], field: str) -> dict[str, dict]:
 def extract_choice(prediction: str, letters: Iterable[str], options: Mapping[str, str] | None = None) -> str | None:
     """The option letter a free-text answer commits to, or None.
 
-    Tried in order: a leading letter ("B", "(B)", "B." , "B)"), an "answer is B"/"answer: B" phrase, a lone
-    standalone capital letter among the options, and finally the one option whose text appears verbatim.
+    Tried in order: a leading letter with punctuation ("B", "(B)", "B.", "B)"), an "answer is B" / "answer: B"
+    phrase, the one standalone capital option letter ("I pick C"; "A or B" has two and gives None), and the one
+    option whose text appears verbatim.
     """
     letters = [letter.upper() for letter in letters]
     alternatives = "|".join(re.escape(letter) for letter in letters)
     text = prediction.strip()
-    leading = re.match(rf"^[\(\[]?({alternatives})(?:[\)\].:,]|\s|$)", text)
+    leading = re.match(rf"^[\(\[]?({alternatives})(?:[\)\].:,]|$)", text)
     if leading:
         return leading.group(1)
     phrase = re.search(rf"answer(?: is)?\s*[:\-]?\s*[\(\[]?({alternatives})\b", text, flags=re.IGNORECASE)
