@@ -9,7 +9,7 @@ Single process (CPU or one GPU)::
 
 Several processes (accelerate splits the questions; one GPU each, or CPU processes)::
 
-    accelerate launch --num_processes 4 evaluate_vqa.py --model ... --dataset slake --data_path Slake1.0/test.json
+    accelerate launch --multi_gpu --num_processes 4 evaluate_vqa.py --model ... --dataset slake --data_path test.json
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate_vqa.py --model ... (CPU)
 
 (``accelerate launch --cpu --num_processes 2`` silently runs ONE process: use the line above on CPU.)

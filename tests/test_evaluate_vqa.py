@@ -558,3 +558,16 @@ def test_roco_caption_evaluation(bundle_dir, tmp_path):
     assert {key: report["metrics"][key] for key in ("bleu4", "rouge_l", "cider")} == {
         key: expected[key] for key in ("bleu4", "rouge_l", "cider")
     }
+
+
+def test_recipe_file_and_command_line_parse_to_the_same_arguments(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(
+        "model: bundle\ndataset: slake\ndata_path: Slake1.0/test.json\nbatch_size: 4\nlanguage: all\n"
+    )
+    from_file = evaluate_vqa.parse_arguments(["--config", str(tmp_path / "recipe.yaml")])
+    from_flags = evaluate_vqa.parse_arguments(
+        ["--model", "bundle", "--dataset", "slake", "--data_path", "Slake1.0/test.json", "--batch_size", "4",
+         "--language", "all"]
+    )  # fmt: skip
+    assert from_file == from_flags
+    assert (from_file.dataset, from_file.batch_size, from_file.language) == ("slake", 4, "all")
