@@ -676,8 +676,8 @@ def _percent(value) -> str:
 
 
 def markdown_report(report: dict) -> str:
-    lines = [f"# Evaluation: {report['dataset']}", "", f"Model: `{report['model']}`  ", f"Questions: {report['n']}"]
-    lines += [f"Failed predictions (scored as wrong): {report['n_errors']}", "", f"> {DISCLAIMER}", ""]
+    lines = [f"# Evaluation: {report['dataset']}", "", f"- Model: `{report['model']}`", f"- Questions: {report['n']}"]
+    lines += [f"- Failed predictions (scored as wrong): {report['n_errors']}", "", f"> {DISCLAIMER}", ""]
     metrics = report["metrics"]
     if report["task"] == "vqa":
         lines += ["| questions | metric | score (%) |", "|---|---|---|"]
