@@ -1,0 +1,873 @@
+"""Evaluate a Visual Med-Alpaca bundle on medical VQA, captioning and multiple-choice QA.
+
+Research use only: the scores describe a research model and say nothing about clinical fitness.
+
+Single process (CPU or one GPU)::
+
+    python evaluate_vqa.py --model org/visual-med-alpaca --dataset vqa_rad \
+        --data_path data/vqa_rad_dev/questions.json --output_dir eval/vqa_rad
+
+Several processes (accelerate splits the questions; one GPU each, or CPU processes)::
+
+    accelerate launch --multi_gpu --num_processes 4 evaluate_vqa.py --model ... --dataset slake --data_path test.json
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate_vqa.py --model ... (CPU)
+
+(``accelerate launch --cpu --num_processes 2`` silently runs ONE process: use the line above on CPU.)
+
+Other datasets (``--config recipe.yaml`` holding the same keys works too)::
+
+    --dataset slake   --data_path Slake1.0/test.json               # English only; --language all keeps every language
+    --dataset pathvqa --data_path pvqa/qas/test/test_qa.pkl         # official release (images in pvqa/images/test/)
+    --dataset pathvqa --data_path path-vqa/data --split test        # HF flaviagiammarino/path-vqa parquet files
+    --dataset pathvqa --data_path path_vqa_saved --split test       # the same after datasets' save_to_disk
+    --dataset jsonl   --data_path my_set.jsonl                      # {"image", "question", "answer", "answer_type"}
+    --dataset medqa   --data_path medqa_test.jsonl                  # text-only MCQ: question, options, answer letter
+    --dataset roco    --data_path roco_val.csv --image_root images  # Med-GIT captions: BLEU-4, ROUGE-L, CIDEr
+
+Predictions are appended to ``OUTPUT_DIR/predictions/rank-K.jsonl`` as each batch finishes; a killed run
+started again with the same arguments skips every question already answered (a torn last line is
+dropped and redone). At the end the main process writes ``predictions.jsonl`` (dataset order, with
+per-question scores), ``report.json``, ``report.md`` and ``report.png``. Metrics: see ``vqa_metrics.py``
+and the README's "Evaluation" section.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modeling_visual_med_alpaca import DISCLAIMER, InputError, VisualMedAlpacaError
+from vqa_metrics import (
+    aggregate,
+    breakdown,
+    extract_choice,
+    llava_med_normalize,
+    score_question,
+)
+
+DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl", "medqa", "roco")
+VQA_DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl")
+LLAVA_MED_SOURCE = (
+    "microsoft/LLaVA-Med@ad758b687d4e79628dbfdb149dc545641ed29014: llava/eval/run_eval_batch.py, "
+    "llava/eval/eval_metrics/{glossary,evaluate_metrics,utils}.py"
+)
+MCQ_INSTRUCTION = "Answer with the letter of the correct option."
+METRIC_DEFINITIONS = {
+    "llava_med_closed_accuracy": "closed questions: normalised ground truth is a substring of the normalised "
+    "prediction (LLaVA-Med's rule; 'no' matches 'not', 'normal')",
+    "strict_closed_accuracy": "closed questions: yes/no answers need a committed verdict (first word, or the only "
+    "yes/no word); other closed answers need an exact match",
+    "llava_med_open_recall": "open questions: LLaVA-Med's token recall; shared tokens count with their multiplicity "
+    "in the prediction, so repeating a correct word inflates it",
+    "token_recall": "open questions: clipped token recall (each reference token counted at most once per occurrence)",
+    "llava_med_open_substring_hit": "open questions: the substring rule (run_eval_batch.py's 'open accuracy')",
+    "exact_match": "normalised prediction equals the normalised ground truth",
+    "token_f1": "SQuAD-style bag-of-tokens F1 on LLaVA-Med-normalised text",
+}
+
+
+class DatasetFormatError(InputError):
+    """The evaluation data is missing or not in the layout the chosen ``--dataset`` expects."""
+
+
+class ResumeMismatchError(InputError):
+    """The output folder holds predictions made with different settings."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "Bundle folder or Hub repo id, loaded with trust_remote_code=True."})
+    data_path: str = field(metadata={"help": "Dataset file (or folder, see the module docstring)."})
+    dataset: str = field(default="vqa_rad", metadata={"help": f"One of: {', '.join(DATASETS)}."})
+    output_dir: str = field(default="eval_results", metadata={"help": "Where predictions and reports go."})
+    image_root: str | None = field(default=None, metadata={"help": "Image folder (default: per dataset layout)."})
+    split: str = field(default="test", metadata={"help": "PathVQA split (train, validation/val, test)."})
+    language: str = field(default="en", metadata={"help": "SLAKE q_lang to keep ('all' keeps every language)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    batch_size: int = field(default=8, metadata={"help": "Questions per pipeline call (per process)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer/caption length (bundle default)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision to pin."})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 or auto."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit language model."})
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise DatasetFormatError(f"--dataset must be one of {', '.join(DATASETS)}.")
+        if self.batch_size < 1:
+            raise InputError("--batch_size must be at least 1.")
+        if self.limit is not None and self.limit < 1:
+            raise InputError("--limit must be at least 1 when given.")
+
+    def run_settings(self) -> dict:
+        """What must be identical for predictions to be resumed (``limit`` and ``batch_size`` may change)."""
+        settings = asdict(self)
+        for key in ("output_dir", "limit", "batch_size"):
+            settings.pop(key)
+        settings["data_path"] = str(Path(self.data_path).resolve())
+        if self.image_root:
+            settings["image_root"] = str(Path(self.image_root).resolve())
+        return settings
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets: every loader returns Examples in dataset order
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    qid: str
+    question: str
+    answer: str
+    answer_type: str = "OPEN"
+    question_type: str | None = None
+    organ: str | None = None
+    # A path, raw bytes, or a zero-argument callable returning bytes (lazy images of Arrow datasets).
+    image: Any = None
+    options: dict[str, str] | None = None
+
+    def image_source(self):
+        return self.image() if callable(self.image) else self.image
+
+    def image_label(self) -> str | None:
+        return str(self.image) if isinstance(self.image, (str, Path)) else None
+
+
+def _require(records: list, fields: Iterable[str], source: str) -> None:
+    fields = list(fields)
+    if not isinstance(records, list):
+        raise DatasetFormatError(f"{source} must hold a list of question records.")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DatasetFormatError(f"{source}: record {index} is not an object.")
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise DatasetFormatError(
+                f"{source}: record {index} lacks {', '.join(missing)}; expected fields {', '.join(fields)}. "
+                "Check --dataset."
+            )
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise DatasetFormatError(f"{what} not found at the given --data_path; check the path.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetFormatError(f"{what} is not valid JSON (line {getattr(error, 'lineno', '?')}).") from None
+
+
+def _read_jsonl(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        raise DatasetFormatError(f"{what} not found at the given --data_path; check the path.")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DatasetFormatError(f"{what}: line {number} is not valid JSON.") from None
+    return records
+
+
+def _answer_type(value, answer: str) -> str:
+    if value is None:
+        return "CLOSED" if llava_med_normalize(answer) in ("yes", "no") else "OPEN"
+    kind = str(value).strip().upper()
+    if kind not in ("OPEN", "CLOSED"):
+        raise DatasetFormatError("answer_type must be OPEN or CLOSED.")
+    return kind
+
+
+def load_vqa_rad(data_path: str | Path, image_root: str | Path | None = None) -> list[Example]:
+    """VQA-RAD: a JSON list of ``qid, image_name, question, answer, answer_type[, question_type, image_organ]``."""
+    path = Path(data_path)
+    if path.is_dir():
+        path = path / "questions.json"
+    records = _read_json(path, "The VQA-RAD questions file")
+    _require(records, ("qid", "image_name", "question", "answer", "answer_type"), "VQA-RAD questions")
+    root = Path(image_root) if image_root else path.parent / "images"
+    return [
+        Example(
+            qid=str(r["qid"]),
+            question=r["question"],
+            answer=str(r["answer"]),
+            answer_type=_answer_type(r["answer_type"], str(r["answer"])),
+            question_type=r.get("question_type"),
+            organ=r.get("image_organ"),
+            image=str(root / r["image_name"]),
+        )
+        for r in records
+    ]
+
+
+def load_slake(data_path: str | Path, image_root: str | Path | None = None, language: str = "en") -> list[Example]:
+    """SLAKE ``test.json``: ``img_name, question, answer, answer_type, q_lang`` (+ ``qid, content_type, location``).
+
+    Images live in ``imgs/`` beside ``test.json`` (``imgs/xmlab102/source.jpg``). ``content_type`` is the
+    question type and ``location`` the organ/region of the breakdowns.
+    """
+    path = Path(data_path)
+    if path.is_dir():
+        path = path / "test.json"
+    records = _read_json(path, "The SLAKE test.json")
+    _require(records, ("img_name", "question", "answer", "answer_type", "q_lang"), "SLAKE test.json")
+    root = Path(image_root) if image_root else path.parent / "imgs"
+    return [
+        Example(
+            qid=str(r.get("qid", index)),
+            question=r["question"],
+            answer=str(r["answer"]),
+            answer_type=_answer_type(r["answer_type"], str(r["answer"])),
+            question_type=r.get("content_type"),
+            organ=r.get("location"),
+            image=str(root / r["img_name"]),
+        )
+        for index, r in enumerate(records)
+        if language == "all" or r["q_lang"] == language
+    ]
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """PathVQA ships pickles of plain lists/dicts; anything that needs a class import is refused."""
+
+    def find_class(self, module, name):
+        raise DatasetFormatError(
+            "The PathVQA pickle references Python objects beyond plain lists/dicts/strings; refusing to load it "
+            "(unpickling can run code). Convert it to JSONL and use --dataset jsonl."
+        )
+
+
+def _pathvqa_examples(rows: Iterable[tuple[int, str, str, Any]]) -> list[Example]:
+    return [
+        Example(
+            qid=str(qid),
+            question=question,
+            answer=str(answer),
+            answer_type=_answer_type(None, str(answer)),
+            image=image,
+        )
+        for qid, question, answer, image in rows
+    ]
+
+
+def load_pathvqa(data_path: str | Path, image_root: str | Path | None = None, split: str = "test") -> list[Example]:
+    """PathVQA in any of its common releases (closed = yes/no answers, as in the PathVQA paper).
+
+    * official pickle ``pvqa/qas/<split>/<split>_qa.pkl``: ``[{"image": "test_0000", "question", "answer"}]``
+      with images ``pvqa/images/<split>/test_0000.jpg``;
+    * Hugging Face ``flaviagiammarino/path-vqa`` parquet files (a file, or a folder holding ``<split>-*.parquet``)
+      with columns ``image`` (``{"bytes", "path"}``), ``question``, ``answer``;
+    * the same dataset after ``datasets``' ``save_to_disk`` (a folder with ``dataset_dict.json``/``state.json``).
+
+    The question id is the row index within the split.
+    """
+    path = Path(data_path)
+    if path.suffix == ".pkl":
+        if not path.is_file():
+            raise DatasetFormatError("The PathVQA pickle was not found at the given --data_path.")
+        with path.open("rb") as handle:
+            try:
+                records = _PlainDataUnpickler(handle).load()
+            except (pickle.UnpicklingError, EOFError):
+                raise DatasetFormatError("The PathVQA pickle is corrupt or truncated.") from None
+        _require(records, ("image", "question", "answer"), "PathVQA pickle")
+        root = Path(image_root) if image_root else path.parents[2] / "images" / path.parent.name
+        rows = []
+        for index, r in enumerate(records):
+            name = str(r["image"])
+            rows.append((index, r["question"], r["answer"], str(root / (name if Path(name).suffix else f"{name}.jpg"))))
+        return _pathvqa_examples(rows)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _pathvqa_from_saved_dataset(path, split)
+    parquet_files = [path] if path.suffix == ".parquet" else sorted(path.glob(f"**/{split}-*.parquet"))
+    if not parquet_files or not all(p.is_file() for p in parquet_files):
+        raise DatasetFormatError(
+            f"No PathVQA data for split '{split}' at the given --data_path: pass the official *_qa.pkl, a parquet "
+            "file, a folder holding <split>-*.parquet, or a save_to_disk folder."
+        )
+    import pyarrow.parquet as pq
+
+    table = pq.read_table([str(p) for p in parquet_files] if len(parquet_files) > 1 else str(parquet_files[0]))
+    missing = {"image", "question", "answer"} - set(table.column_names)
+    if missing:
+        raise DatasetFormatError(f"The PathVQA parquet data lacks column(s) {', '.join(sorted(missing))}.")
+    images = table.column("image")
+    questions, answers = table.column("question").to_pylist(), table.column("answer").to_pylist()
+    return _pathvqa_examples(
+        (i, questions[i], answers[i], _arrow_image_bytes(images, i)) for i in range(table.num_rows)
+    )
+
+
+def _arrow_image_bytes(column, index: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        value = column[index].as_py()
+        return value["bytes"] if isinstance(value, dict) else value
+
+    return read
+
+
+def _pathvqa_from_saved_dataset(path: Path, split: str) -> list[Example]:
+    from datasets import DatasetDict, Image, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise DatasetFormatError(f"The saved PathVQA dataset has no split '{split}' ({', '.join(loaded)}).")
+        loaded = loaded[split]
+    missing = {"image", "question", "answer"} - set(loaded.column_names)
+    if missing:
+        raise DatasetFormatError(f"The saved PathVQA dataset lacks column(s) {', '.join(sorted(missing))}.")
+    raw = loaded.cast_column("image", Image(decode=False))
+
+    def reader(i: int) -> Callable[[], bytes]:
+        return lambda: raw[i]["image"]["bytes"]
+
+    return _pathvqa_examples(
+        (i, q, a, reader(i)) for i, (q, a) in enumerate(zip(raw["question"], raw["answer"], strict=True))
+    )
+
+
+def load_jsonl(data_path: str | Path, image_root: str | Path | None = None) -> list[Example]:
+    """Generic JSONL: ``image, question, answer[, answer_type, qid, question_type, organ]`` per line.
+
+    ``image`` is relative to ``--image_root`` (default: the file's folder) or absolute; ``answer_type``
+    defaults to CLOSED for yes/no answers and OPEN otherwise; ``qid`` defaults to the line's index.
+    """
+    path = Path(data_path)
+    records = _read_jsonl(path, "The JSONL questions file")
+    _require(records, ("image", "question", "answer"), "JSONL questions")
+    root = Path(image_root) if image_root else path.parent
+    return [
+        Example(
+            qid=str(r.get("qid", index)),
+            question=r["question"],
+            answer=str(r["answer"]),
+            answer_type=_answer_type(r.get("answer_type"), str(r["answer"])),
+            question_type=r.get("question_type"),
+            organ=r.get("organ"),
+            image=None if r["image"] in (None, "") else str(root / r["image"]),
+        )
+        for index, r in enumerate(records)
+    ]
+
+
+def load_medqa(data_path: str | Path) -> list[Example]:
+    """MedQA-style JSONL: ``question``, ``options`` (``{"A": ...}`` or a list), and the answer letter in
+    ``answer_idx`` (MedQA's release) or ``answer`` (a letter, or the text of one option)."""
+    path = Path(data_path)
+    records = _read_jsonl(path, "The multiple-choice questions file")
+    _require(records, ("question", "options"), "Multiple-choice questions")
+    examples = []
+    for index, r in enumerate(records):
+        options = r["options"]
+        if isinstance(options, list):
+            options = {chr(ord("A") + i): str(text) for i, text in enumerate(options)}
+        if not isinstance(options, dict) or not options:
+            raise DatasetFormatError(f"Multiple-choice record {index}: 'options' must be a non-empty dict or list.")
+        options = {str(letter).strip().upper(): str(text) for letter, text in options.items()}
+        answer = str(r.get("answer_idx") or r.get("answer") or "").strip()
+        if answer.upper() not in options:
+            by_text = [letter for letter, text in options.items() if text.strip() == answer]
+            if len(by_text) != 1:
+                raise DatasetFormatError(
+                    f"Multiple-choice record {index}: the answer is neither an option letter nor one option's text."
+                )
+            answer = by_text[0]
+        examples.append(
+            Example(
+                qid=str(r.get("qid", r.get("id", index))),
+                question=r["question"],
+                answer=answer.upper(),
+                options=options,
+            )
+        )
+    return examples
+
+
+def load_roco(data_path: str | Path, image_root: str | Path | None = None) -> list[Example]:
+    """ROCO captions CSV ``id,name,caption``; images ``<image_root>/<name>`` (default ``images/`` beside it)."""
+    path = Path(data_path)
+    if not path.is_file():
+        raise DatasetFormatError("The ROCO captions CSV was not found at the given --data_path.")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"id", "name", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetFormatError(f"The ROCO CSV lacks column(s) {', '.join(sorted(missing))} (id,name,caption).")
+        rows = list(reader)
+    root = Path(image_root) if image_root else path.parent / "images"
+    return [Example(qid=r["id"], question="", answer=r["caption"].strip(), image=str(root / r["name"])) for r in rows]
+
+
+def load_examples(args: EvaluationArguments) -> list[Example]:
+    if args.dataset == "vqa_rad":
+        examples = load_vqa_rad(args.data_path, args.image_root)
+    elif args.dataset == "slake":
+        examples = load_slake(args.data_path, args.image_root, args.language)
+    elif args.dataset == "pathvqa":
+        examples = load_pathvqa(args.data_path, args.image_root, args.split)
+    elif args.dataset == "jsonl":
+        examples = load_jsonl(args.data_path, args.image_root)
+    elif args.dataset == "medqa":
+        examples = load_medqa(args.data_path)
+    else:
+        examples = load_roco(args.data_path, args.image_root)
+    seen: set[str] = set()
+    for example in examples:
+        if example.qid in seen:
+            raise DatasetFormatError("Question ids must be unique: one id occurs twice in the data.")
+        seen.add(example.qid)
+    if not examples:
+        raise DatasetFormatError("The dataset holds no questions (check --language / --split).")
+    return examples[: args.limit] if args.limit else examples
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions: appended per batch, one shard per process, resumable
+# --------------------------------------------------------------------------------------------------
+
+
+def read_predictions(shard_dir: Path) -> dict[str, dict]:
+    """Every complete prediction line of every shard, by question id (a torn last line is ignored)."""
+    predictions: dict[str, dict] = {}
+    for shard in sorted(shard_dir.glob("rank-*.jsonl")):
+        for line in shard.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            predictions.setdefault(str(record["qid"]), record)
+    return predictions
+
+
+def _open_shard_for_append(shard: Path):
+    """Append handle to this process's shard, first cutting a line torn by a kill."""
+    if shard.exists():
+        data = shard.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with shard.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+    return shard.open("a", encoding="utf-8")
+
+
+def run_predictions(
+    examples: list[Example],
+    predict_batch: Callable[[list[Example]], list[dict]],
+    shard_dir: Path,
+    batch_size: int,
+    state,
+    desc: str,
+) -> int:
+    """Predict every example that has no prediction yet, split across processes; returns how many this rank did."""
+    from tqdm.auto import tqdm
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done = read_predictions(shard_dir)
+    # Nobody appends before everybody has read what is done, so all ranks split the same to-do list.
+    state.wait_for_everyone()
+    todo = [example for example in examples if example.qid not in done]
+    if state.is_main_process:
+        print(
+            f"{len(done)} of {len(examples)} already predicted; {len(todo)} to go on {state.num_processes} process(es)."
+        )
+    predicted = 0
+    with state.split_between_processes(todo) as mine:
+        shard = shard_dir / f"rank-{state.process_index}.jsonl"
+        with (
+            _open_shard_for_append(shard) as handle,
+            tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process) as progress,
+        ):
+            for start in range(0, len(mine), batch_size):
+                batch = mine[start : start + batch_size]
+                for record in predict_batch(batch):
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                predicted += len(batch)
+                progress.update(len(batch))
+    state.wait_for_everyone()
+    return predicted
+
+
+def _is_project_error(error: BaseException) -> bool:
+    # Remote code loads its own copy of the error classes: match by name, not identity.
+    return any(cls.__name__ == VisualMedAlpacaError.__name__ for cls in type(error).__mro__)
+
+
+def _error_note(error: BaseException) -> str:
+    # Our messages never contain payloads; other exceptions are named only.
+    return f"{type(error).__name__}: {error}" if _is_project_error(error) else type(error).__name__
+
+
+def answer_requests(vqa, requests: list[dict], generate_kwargs: dict) -> list[dict]:
+    """Pipeline records for a batch; if the batch fails, one at a time so one bad image costs one answer."""
+    try:
+        return list(vqa(requests, batch_size=len(requests), **generate_kwargs))
+    except Exception:  # noqa: BLE001 - retried one by one below, where each failure is recorded
+        pass
+    outputs = []
+    for request in requests:
+        try:
+            outputs.append(vqa(request, **generate_kwargs))
+        except Exception as error:  # noqa: BLE001 - recorded as a failed prediction; the run goes on
+            outputs.append({"answer": "", "expert": None, "intermediate_text": None, "error": _error_note(error)})
+    return outputs
+
+
+def vqa_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[dict]]:
+    def predict(batch: list[Example]) -> list[dict]:
+        requests = [{"image": example.image_source(), "question": example.question} for example in batch]
+        outputs = answer_requests(vqa, requests, generate_kwargs)
+        return [
+            {
+                "qid": example.qid,
+                "image": example.image_label(),
+                "question": example.question,
+                "answer": example.answer,
+                "answer_type": example.answer_type,
+                "question_type": example.question_type,
+                "organ": example.organ,
+                "prediction": output["answer"],
+                "expert": output.get("expert"),
+                "intermediate_text": output.get("intermediate_text"),
+                "warnings": output.get("warnings", []),
+                "error": output.get("error"),
+                "disclaimer": DISCLAIMER,
+            }
+            for example, output in zip(batch, outputs, strict=True)
+        ]
+
+    return predict
+
+
+def mcq_prompt(example: Example) -> str:
+    choices = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
+    return f"{example.question.strip()}\n\n{choices}\n\n{MCQ_INSTRUCTION}"
+
+
+def mcq_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[dict]]:
+    def predict(batch: list[Example]) -> list[dict]:
+        outputs = answer_requests(vqa, [{"question": mcq_prompt(example)} for example in batch], generate_kwargs)
+        return [
+            {
+                "qid": example.qid,
+                "question": example.question,
+                "options": example.options,
+                "answer": example.answer,
+                "prediction": output["answer"],
+                "choice": extract_choice(output["answer"], example.options, example.options),
+                "error": output.get("error"),
+                "disclaimer": DISCLAIMER,
+            }
+            for example, output in zip(batch, outputs, strict=True)
+        ]
+
+    return predict
+
+
+def caption_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[dict]]:
+    """Med-GIT alone (the pipeline's radiology expert): captions for a batch of images, no language model."""
+    from medical_image import load_image
+
+    def predict(batch: list[Example]) -> list[dict]:
+        images, errors = [], []
+        for example in batch:
+            try:
+                images.append(load_image(example.image_source()).image)
+                errors.append(None)
+            except Exception as error:  # noqa: BLE001 - recorded per image; the run goes on
+                images.append(None)
+                errors.append(_error_note(error))
+        readable = [image for image in images if image is not None]
+        captions: list[str] = []
+        if readable:
+            pixel_values = vqa.captioner_processor(images=readable, return_tensors="pt").pixel_values
+            ids = vqa.model.caption_images(pixel_values, **generate_kwargs)
+            captions = [text.strip() for text in vqa.captioner_processor.batch_decode(ids, skip_special_tokens=True)]
+        captions_iter = iter(captions)
+        return [
+            {
+                "qid": example.qid,
+                "image": example.image_label(),
+                "reference": example.answer,
+                "prediction": "" if error else next(captions_iter),
+                "error": error,
+            }
+            for example, error in zip(batch, errors, strict=True)
+        ]
+
+    return predict
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring and reports
+# --------------------------------------------------------------------------------------------------
+
+
+def score_vqa(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
+    """Per-question records with scores (dataset order) and the report's metric sections."""
+    scored = []
+    for example in examples:
+        # The dataset, not the prediction file, is the authority on the truth.
+        record = dict(predictions[example.qid])
+        record.update(
+            answer=example.answer,
+            answer_type=example.answer_type,
+            question_type=example.question_type,
+            organ=example.organ,
+        )
+        record["scores"] = score_question(record["prediction"], example.answer, example.answer_type)
+        scored.append(record)
+    metrics = {
+        "metrics": aggregate(scored),
+        "by_question_type": breakdown(scored, "question_type"),
+        "by_organ": breakdown(scored, "organ"),
+        "n_errors": sum(1 for r in scored if r.get("error")),
+    }
+    return scored, metrics
+
+
+def score_mcq(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
+    scored = []
+    for example in examples:
+        record = dict(predictions[example.qid])
+        record["correct"] = record["choice"] == example.answer
+        scored.append(record)
+    n = len(scored)
+    return scored, {
+        "metrics": {
+            "n": n,
+            "accuracy": sum(r["correct"] for r in scored) / n,
+            "unparsed_rate": sum(r["choice"] is None for r in scored) / n,
+        },
+        "n_errors": sum(1 for r in scored if r.get("error")),
+    }
+
+
+def score_captions(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
+    # Imported here: caption_metrics is its own module (BLEU-4, ROUGE-L, CIDEr), needed only for captions.
+    from caption_metrics import score_captions as caption_scores
+
+    scored = [dict(predictions[example.qid]) for example in examples]
+    metrics = caption_scores([r["prediction"] for r in scored], [[example.answer] for example in examples])
+    return scored, {
+        "metrics": {"n": len(scored), **{key: metrics[key] for key in ("bleu4", "rouge_l", "cider")}},
+        "n_errors": sum(1 for r in scored if r.get("error")),
+    }
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_report(report: dict) -> str:
+    lines = [f"# Evaluation: {report['dataset']}", "", f"- Model: `{report['model']}`", f"- Questions: {report['n']}"]
+    lines += [f"- Failed predictions (scored as wrong): {report['n_errors']}", "", f"> {DISCLAIMER}", ""]
+    metrics = report["metrics"]
+    if report["task"] == "vqa":
+        lines += ["| questions | metric | score (%) |", "|---|---|---|"]
+        for group, names in (("closed", metrics["closed"]), ("open", metrics["open"]), ("overall", metrics["overall"])):
+            count = metrics["n_closed"] if group == "closed" else metrics["n_open"] if group == "open" else metrics["n"]
+            for name, value in names.items():
+                lines.append(f"| {group} (n={count}) | {name} | {_percent(value)} |")
+        for title, key in (("question type", "by_question_type"), ("organ", "by_organ")):
+            if not report[key]:
+                continue
+            lines += ["", f"## By {title}", ""]
+            lines += [
+                f"| {title} | n | closed: LLaVA-Med | closed: strict | open: LLaVA-Med recall | open: token recall "
+                "| exact match | token F1 |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for label, group in report[key].items():
+                closed, open_, overall = group["closed"], group["open"], group["overall"]
+                lines.append(
+                    f"| {label} | {group['n']} | {_percent(closed['llava_med_closed_accuracy'])} | "
+                    f"{_percent(closed['strict_closed_accuracy'])} | {_percent(open_['llava_med_open_recall'])} | "
+                    f"{_percent(open_['token_recall'])} | {_percent(overall['exact_match'])} | "
+                    f"{_percent(overall['token_f1'])} |"
+                )
+        lines += ["", "## Metric definitions", ""]
+        lines += [f"- `{name}`: {text}" for name, text in METRIC_DEFINITIONS.items()]
+        lines += ["", f"LLaVA-Med's rules reproduced from {LLAVA_MED_SOURCE}."]
+    else:
+        lines += ["| metric | score |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items() if name != "n"]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = report["metrics"]
+    if report["task"] == "vqa":
+        bars = {
+            "closed acc\n(LLaVA-Med)": metrics["closed"]["llava_med_closed_accuracy"],
+            "closed acc\n(strict)": metrics["closed"]["strict_closed_accuracy"],
+            "open recall\n(LLaVA-Med)": metrics["open"]["llava_med_open_recall"],
+            "open recall\n(clipped)": metrics["open"]["token_recall"],
+            "exact\nmatch": metrics["overall"]["exact_match"],
+            "token\nF1": metrics["overall"]["token_f1"],
+        }
+    else:
+        bars = {name: value for name, value in metrics.items() if name not in ("n", "unparsed_rate")}
+    labels = list(bars)
+    values = [0.0 if value is None else 100 * value for value in bars.values()]
+    figure, axis = plt.subplots(figsize=(max(4, 1.3 * len(labels)), 3.6))
+    axis.bar(labels, values, color=["#4c72b0", "#dd8452"] * len(labels))
+    for x, value, raw in zip(range(len(labels)), values, bars.values(), strict=True):
+        axis.text(x, value + 1, "n/a" if raw is None else f"{value:.1f}", ha="center", fontsize=8)
+    axis.set_ylim(0, 110)
+    axis.set_ylabel("score (%)")
+    axis.set_title(f"{report['dataset']} — {report['n']} questions (research use only)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(output_dir: Path, report: dict, scored: list[dict]) -> None:
+    with (output_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for record in scored:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (output_dir / "report.md").write_text(markdown_report(report), encoding="utf-8")
+    bar_chart(report, output_dir / "report.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_resume(output_dir: Path, settings: dict, state) -> None:
+    config_path = output_dir / "run_config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+        if changed:
+            raise ResumeMismatchError(
+                f"{output_dir} holds predictions made with different {', '.join(changed)}. Use a new --output_dir "
+                "or delete that folder to start over."
+            )
+    elif state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        temporary = config_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, config_path)
+
+
+def load_pipeline(args: EvaluationArguments, device):
+    from transformers import pipeline
+
+    model_kwargs = {"load_in_8bit": True} if args.load_in_8bit else {}
+    kwargs = {"dtype": args.dtype} if args.dtype else {}
+    if not args.load_in_8bit:
+        kwargs["device"] = device
+    return pipeline(
+        model=args.model, revision=args.revision, trust_remote_code=True, model_kwargs=model_kwargs, **kwargs
+    )
+
+
+def process_state():
+    """accelerate's PartialState, on CPU when asked (or when several processes run without CUDA).
+
+    PartialState reads ACCELERATE_USE_CPU only through its ``cpu`` argument; without it, CPU processes
+    started by ``accelerate launch``/``torchrun`` each believe they are alone and would all do every question.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world_size:
+        raise InputError(
+            f"{world_size} processes were launched but accelerate formed a group of {state.num_processes}. "
+            "On CPU launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N evaluate_vqa.py"
+        )
+    return state
+
+
+def main(args: EvaluationArguments) -> dict | None:
+    """Run (or resume) the evaluation; the main process returns the report, the others None."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    state = process_state()
+    try:
+        output_dir = Path(args.output_dir)
+        examples = load_examples(args)
+        _check_resume(output_dir, args.run_settings(), state)
+        vqa = load_pipeline(args, state.device)
+        generate_kwargs: dict = {"do_sample": False}
+        if args.max_new_tokens is not None:
+            generate_kwargs["max_new_tokens"] = args.max_new_tokens
+        if args.dataset == "roco":
+            task, predictor = "captions", caption_predictor(vqa, dict(generate_kwargs))
+        elif args.dataset == "medqa":
+            task, predictor = "mcq", mcq_predictor(vqa, generate_kwargs)
+        else:
+            task, predictor = "vqa", vqa_predictor(vqa, generate_kwargs)
+        shard_dir = output_dir / "predictions"
+        predicted = run_predictions(examples, predictor, shard_dir, args.batch_size, state, desc=args.dataset)
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            return None
+        predictions = read_predictions(shard_dir)
+        scorer = {"vqa": score_vqa, "mcq": score_mcq, "captions": score_captions}[task]
+        scored, sections = scorer(examples, predictions)
+        report = {
+            "dataset": args.dataset,
+            "task": task,
+            "model": args.model,
+            "revision": args.revision,
+            "data_path": args.data_path,
+            "n": len(examples),
+            "predicted_in_this_run_by_main_process": predicted,
+            "num_processes": state.num_processes,
+            **sections,
+            "disclaimer": DISCLAIMER,
+        }
+        if task == "vqa":
+            report["metric_definitions"] = METRIC_DEFINITIONS
+            report["llava_med_source"] = LLAVA_MED_SOURCE
+        write_outputs(output_dir, report, scored)
+        print(markdown_report(report))
+        state.wait_for_everyone()
+        return report
+    finally:
+        # Every rank ends the process group (a no-op in a single process). No barrier here: after a failure
+        # on one rank, the launcher stops the others.
+        state.destroy_process_group()
+
+
+def parse_arguments(argv: list[str] | None = None) -> EvaluationArguments:
+    from trl import TrlParser
+
+    (args,) = TrlParser((EvaluationArguments,)).parse_args_and_config(argv)
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_arguments())
+    except VisualMedAlpacaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
