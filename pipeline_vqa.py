@@ -11,8 +11,13 @@ Remote code: copied into the published Hub repository and imported by ``trust_re
 
 Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart"`` or ``None``),
 ``intermediate_text`` (exactly the caption/table the language model was given), ``image_metadata``
-(technical fields of the image only — never patient identity), ``prompt`` (with ``return_prompt=True``),
-``disclaimer`` and ``warnings``.
+(technical fields of the image only — never patient identity), ``backend`` (which language model
+answered: ``"local"`` or ``"openai:MODEL"``), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and
+``warnings``.
+
+The language model is the bundle's own by default; ``backend={"type": "openai", "base_url": ..., "model": ...,
+"api_key_env": ...}`` (or ``config.language_backend``) sends the same prompt to an OpenAI-compatible server
+instead (see ``language_backends.py``).
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
@@ -27,6 +32,7 @@ import torch
 from transformers import GenerationConfig, Pipeline
 
 try:
+    from .language_backends import backend_name, get_backend, parse_backend, request_options
     from .medical_image import LoadedImage, load_image
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -42,6 +48,7 @@ try:
         neutralize_template_markers,
     )
 except ImportError:  # imported from a checkout as a top-level module
+    from language_backends import backend_name, get_backend, parse_backend, request_options
     from medical_image import LoadedImage, load_image
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -98,6 +105,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         return_prompt: bool | None = None,
         generate_kwargs: dict | None = None,
         caption_generate_kwargs: dict | None = None,
+        backend: str | dict | None = None,
         **kwargs,
     ):
         preprocess_params: dict[str, Any] = {}
@@ -115,7 +123,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         if unknown:
             raise UnknownParameterError(
                 f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, generate_kwargs, "
-                "caption_generate_kwargs, and GenerationConfig keywords such as max_new_tokens or num_beams. "
+                "caption_generate_kwargs, backend, and GenerationConfig keywords such as max_new_tokens or num_beams. "
                 "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
             )
         answer_kwargs = dict(generate_kwargs or {})
@@ -130,6 +138,11 @@ class VisualMedAlpacaPipeline(Pipeline):
             raise UnknownParameterError(f"generate_kwargs holds unknown generation parameter(s): {', '.join(bad)}.")
         if answer_kwargs:
             forward_params["generate_kwargs"] = answer_kwargs
+        # Always set (None = local), so a call-time backend="local" overrides a remote config default.
+        language_backend = parse_backend(backend if backend is not None else self.model.config.language_backend)
+        if language_backend is not None:
+            request_options(answer_kwargs, self.model.config.answer_max_new_tokens)  # refuse what it cannot honour
+        forward_params["backend"] = language_backend
         if caption_generate_kwargs:
             bad = sorted(set(caption_generate_kwargs) - GENERATION_KEYS)
             if bad:
@@ -194,7 +207,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "warnings": warnings,
         }
 
-    def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None) -> dict:
+    def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None, backend=None) -> dict:
         batched = isinstance(model_inputs["question"], list)
         questions = model_inputs["question"] if batched else [model_inputs["question"]]
         experts = model_inputs["expert"] if batched else [model_inputs["expert"]]
@@ -203,9 +216,10 @@ class VisualMedAlpacaPipeline(Pipeline):
 
         intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
         prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
-        answers = self._answer(prompts, generate_kwargs or {})
+        answers = self._answer(prompts, generate_kwargs or {}, backend)
         outputs = {
             "answer": answers,
+            "backend": [backend_name(backend)] * len(answers),
             "expert": experts,
             "image_metadata": model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]],
             "intermediate_text": intermediate_texts,
@@ -233,8 +247,10 @@ class VisualMedAlpacaPipeline(Pipeline):
                 intermediate_texts[i] = cleaned
         return intermediate_texts
 
-    def _answer(self, prompts: list[str], generate_kwargs: dict) -> list[str]:
-        """Language-model stage: left-padded batched greedy/sampled generation of the answers."""
+    def _answer(self, prompts: list[str], generate_kwargs: dict, backend=None) -> list[str]:
+        """Language-model stage: left-padded batched greedy/sampled generation, or a remote server's answers."""
+        if backend is not None:
+            return get_backend(backend).complete(prompts, generate_kwargs, self.model.config.answer_max_new_tokens)
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         too_long = int(encoded["attention_mask"].sum(dim=1).max())
         if too_long > self.model.config.max_prompt_tokens:
@@ -266,6 +282,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "expert": model_outputs["expert"],
             "intermediate_text": model_outputs["intermediate_text"],
             "image_metadata": model_outputs["image_metadata"],
+            "backend": model_outputs["backend"],
             "disclaimer": DISCLAIMER,
             "warnings": list(model_outputs["warnings"]),
         }

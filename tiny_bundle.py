@@ -24,12 +24,19 @@ REPO_ROOT = Path(__file__).resolve().parent
 ROCO_CAPTIONS_CSV = REPO_ROOT / "data" / "roco" / "roco_val_captions.csv"
 VQA_RAD_DIR = REPO_ROOT / "data" / "vqa_rad_dev"
 
-# Role-play chat template for the merged language model: turns become the Alpaca no-image prompt.
+# Chat template of the merged language model, so OpenAI-compatible servers can serve it with chat only:
+# a plain user turn becomes the Alpaca no-image prompt; a turn that already is a complete Alpaca prompt (what
+# the pipeline's chat backend sends) is used verbatim. BOS comes first because chat tokenisation adds no
+# special tokens: the served model then sees exactly the tokens the local pipeline feeds it.
 ALPACA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}"
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{{ message['content'] }}\n\n### Response:\n"
+    "{% if message['content'].startswith('Below is an instruction that describes a task') %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    + PROMPT_TEMPLATES["inference_no_image"].replace("{question}", "{{ message['content'] }}")
+    + "{% endif %}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
     "{% endfor %}"
 )
