@@ -40,6 +40,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -64,7 +65,7 @@ APIS = ("completions", "chat")
 OPENAI_REQUIREMENT = "openai==3.57.0"
 # Sent as the bearer token when no api_key_env is configured (local vLLM/TGI/transformers serve need none).
 _NO_API_KEY = "no-key"
-_SETTINGS = ("type", "base_url", "model", "api_key_env", "api", "timeout", "max_retries")
+_SETTINGS = ("type", "base_url", "model", "api_key_env", "api", "timeout", "max_retries", "max_concurrency")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # GenerationConfig keywords that have an OpenAI-protocol equivalent; anything else is refused, not dropped.
 SUPPORTED_GENERATION_KEYS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "stop_strings"})
@@ -82,6 +83,7 @@ class OpenAICompatibleBackendConfig:
         api: ``"completions"`` (the prompt verbatim) or ``"chat"`` (the prompt as the one user message).
         timeout: seconds to wait for one attempt.
         max_retries: extra attempts after a connection error, a timeout, or HTTP 408/409/429/5xx.
+        max_concurrency: how many prompts of a batch are in flight at once (serving engines batch them).
     """
 
     base_url: str
@@ -90,6 +92,7 @@ class OpenAICompatibleBackendConfig:
     api: str = "completions"
     timeout: float = 60.0
     max_retries: int = 2
+    max_concurrency: int = 4
 
     @property
     def name(self) -> str:
@@ -164,6 +167,9 @@ def parse_backend(value) -> OpenAICompatibleBackendConfig | None:
     retries = settings.get("max_retries", 2)
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise UnknownParameterError("backend['max_retries'] must be an integer from 0 to 10.")
+    concurrency = settings.get("max_concurrency", 4)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 64:
+        raise UnknownParameterError("backend['max_concurrency'] must be an integer from 1 to 64.")
     settings["timeout"] = float(timeout)
     return OpenAICompatibleBackendConfig(**settings)
 
@@ -219,9 +225,17 @@ class OpenAICompatibleBackend:
     # ------------------------------------------------------------------ public
 
     def complete(self, prompts: list[str], generate_kwargs: dict | None = None, default_max_new_tokens=128):
-        """The answer to each prompt, stripped like the local model's; one request per prompt."""
+        """The answer to each prompt, stripped like the local model's, in input order.
+
+        One request per prompt (not every server takes a list), up to ``max_concurrency`` in flight at once.
+        """
         options = request_options(generate_kwargs or {}, default_max_new_tokens)
-        return [self.complete_one(prompt, options).text.strip() for prompt in prompts]
+        workers = min(len(prompts), self.config.max_concurrency)
+        if workers <= 1:
+            return [self.complete_one(prompt, options).text.strip() for prompt in prompts]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="language-backend") as executor:
+            completions = list(executor.map(lambda prompt: self.complete_one(prompt, options), prompts))
+        return [completion.text.strip() for completion in completions]
 
     def complete_one(self, prompt: str, options: dict) -> RemoteCompletion:
         """One request; ``options`` come from ``request_options``."""
@@ -246,10 +260,15 @@ class OpenAICompatibleBackend:
             )
 
     def stream(self, prompt: str, generate_kwargs: dict | None = None, default_max_new_tokens=128) -> Iterator[str]:
-        """Yield the answer's text as the server produces it; ``"".join(...).strip()`` equals ``complete``."""
+        """Yield the answer's text as the server produces it; ``"".join(...).strip()`` equals ``complete``.
+
+        Settings and the key are checked now; the request is sent when the first piece is asked for.
+        """
         options = request_options(generate_kwargs or {}, default_max_new_tokens)
+        return self._stream(prompt, options, self._client_with_key())
+
+    def _stream(self, prompt: str, options: dict, client) -> Iterator[str]:
         with self._typed_errors():
-            client = self._client_with_key()
             if self.config.api == "chat":
                 chunks = client.chat.completions.create(
                     model=self.config.model, messages=self._messages(prompt), stream=True, **options

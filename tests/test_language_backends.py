@@ -8,14 +8,9 @@ garbage, and a rejected key that must never appear in an error or a log line.
 
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -35,16 +30,11 @@ from modeling_visual_med_alpaca import (
     VisualMedAlpacaConfig,
     build_inference_prompt,
 )
+from serve_language_model import export_language_model, free_port, transformers_serve
 
 QUESTION = "What abnormality is seen?"
 TEXT_QUESTION = "What are the chemicals that treat hair loss?"
 STUB_MODEL = "stub-med-alpaca"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,36 +46,9 @@ def _free_port() -> int:
 def served_lm(tiny_parts, tmp_path_factory):
     """``transformers serve`` on 127.0.0.1 with the same weights and tokenizer as the ``vqa`` bundle."""
     model, tokenizer = tiny_parts[0], tiny_parts[1]
-    folder = tmp_path_factory.mktemp("served") / "med-alpaca-lm"
-    model.language_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)  # carries the chat template the server needs
-    port = _free_port()
-    log_path = folder.parent / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"transformers serve exited: {log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"transformers serve did not start: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": str(folder), "tokenizer": tokenizer}
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    model_dir = export_language_model(model, tokenizer, tmp_path_factory.mktemp("served") / "med-alpaca-lm")
+    with transformers_serve(model_dir, device="cpu") as base_url:
+        yield {"base_url": base_url, "model": str(model_dir), "tokenizer": tokenizer}
 
 
 def _served(served_lm, api: str) -> dict:
@@ -170,6 +133,7 @@ class StubServer:
 
     def __init__(self, *replies):
         self.replies, self.requests = list(replies), []
+        self.in_flight, self.peak_in_flight, lock = 0, 0, threading.Lock()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -180,9 +144,14 @@ class StubServer:
                     "headers": {name.lower(): value for name, value in self.headers.items()},
                     "json": json.loads(self.rfile.read(length)),
                 }
-                stub.requests.append(request)
-                reply = stub.replies[min(len(stub.requests), len(stub.replies)) - 1]
+                with lock:
+                    stub.requests.append(request)
+                    reply = stub.replies[min(len(stub.requests), len(stub.replies)) - 1]
+                    stub.in_flight += 1
+                    stub.peak_in_flight = max(stub.peak_in_flight, stub.in_flight)
                 time.sleep(reply["delay"])
+                with lock:
+                    stub.in_flight -= 1
                 body = reply["body"](request) if callable(reply["body"]) else reply["body"]
                 try:
                     self.send_response(reply["status"])
@@ -220,7 +189,7 @@ def _backend(settings: dict) -> OpenAICompatibleBackend:
 
 
 def test_server_down_is_unavailable():
-    port = _free_port()  # bound, then released: nothing listens there
+    port = free_port()  # bound, then released: nothing listens there
     backend = _backend({"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "max_retries": 1})
     with pytest.raises(BackendUnavailableError, match="Could not connect") as caught:
         backend.complete(["prompt"])
@@ -328,6 +297,30 @@ def test_api_key_is_sent_but_never_appears_in_errors_or_logs(monkeypatch, caplog
     assert canary not in caplog.text and QUESTION not in caplog.text
 
 
+def test_a_batch_is_sent_concurrently_and_answered_in_input_order():
+    def echo_prompt(request):
+        return _completion_body(request["json"]["prompt"].upper())
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    with StubServer(_reply(body=echo_prompt, delay=0.5)) as stub:
+        answers = _backend(stub.backend(max_concurrency=3)).complete(prompts)
+    assert answers == [prompt.upper() for prompt in prompts]
+    assert stub.peak_in_flight == 3
+    with StubServer(_reply(body=echo_prompt, delay=0.05)) as stub:
+        assert _backend(stub.backend(max_concurrency=1)).complete(prompts[:3]) == ["PROMPT 0", "PROMPT 1", "PROMPT 2"]
+    assert stub.peak_in_flight == 1
+
+
+def test_stream_checks_the_key_before_the_first_piece(monkeypatch):
+    monkeypatch.delenv("VMA_TEST_API_KEY", raising=False)
+    with (
+        StubServer(_reply(body=_completion_body("x"))) as stub,
+        pytest.raises(BackendError, match="VMA_TEST_API_KEY"),
+    ):
+        _backend(stub.backend(api_key_env="VMA_TEST_API_KEY")).stream("prompt")  # not iterated
+    assert stub.requests == []
+
+
 def test_missing_key_variable_names_the_variable_and_sends_nothing(monkeypatch):
     monkeypatch.delenv("VMA_TEST_API_KEY", raising=False)
     with (
@@ -407,6 +400,7 @@ def test_config_stores_the_backend_but_never_a_key(tmp_path):
         ({"type": "openai", "base_url": "http://h/v1", "model": "m", "timeout": -1}, "backend['timeout']"),
         ({"type": "openai", "base_url": "http://h/v1", "model": "m", "max_retries": 99}, "backend['max_retries']"),
         ({"type": "openai", "base_url": "http://h/v1", "model": "m", "api": "responses"}, "backend['api']"),
+        ({"type": "openai", "base_url": "http://h/v1", "model": "m", "max_concurrency": 0}, "max_concurrency"),
     ],
 )
 def test_bad_backend_settings_raise_typed_errors_without_echo(vqa, backend, words):
