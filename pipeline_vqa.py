@@ -32,7 +32,7 @@ import torch
 from transformers import GenerationConfig, Pipeline
 
 try:
-    from .language_backends import backend_name, get_backend, parse_backend, request_options
+    from .language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from .medical_image import LoadedImage, load_image
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -48,7 +48,7 @@ try:
         neutralize_template_markers,
     )
 except ImportError:  # imported from a checkout as a top-level module
-    from language_backends import backend_name, get_backend, parse_backend, request_options
+    from language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from medical_image import LoadedImage, load_image
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -138,11 +138,11 @@ class VisualMedAlpacaPipeline(Pipeline):
             raise UnknownParameterError(f"generate_kwargs holds unknown generation parameter(s): {', '.join(bad)}.")
         if answer_kwargs:
             forward_params["generate_kwargs"] = answer_kwargs
-        # Always set (None = local), so a call-time backend="local" overrides a remote config default.
-        language_backend = parse_backend(backend if backend is not None else self.model.config.language_backend)
-        if language_backend is not None:
+        # Given here (at call or construction time) it wins; otherwise _answer uses config.language_backend.
+        if backend is not None:
+            forward_params["backend"] = parse_backend(backend) or BACKEND_LOCAL
+        if parse_backend(backend if backend is not None else self.model.config.language_backend) is not None:
             request_options(answer_kwargs, self.model.config.answer_max_new_tokens)  # refuse what it cannot honour
-        forward_params["backend"] = language_backend
         if caption_generate_kwargs:
             bad = sorted(set(caption_generate_kwargs) - GENERATION_KEYS)
             if bad:
@@ -216,6 +216,7 @@ class VisualMedAlpacaPipeline(Pipeline):
 
         intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
         prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
+        backend = parse_backend(backend if backend is not None else self.model.config.language_backend)
         answers = self._answer(prompts, generate_kwargs or {}, backend)
         outputs = {
             "answer": answers,

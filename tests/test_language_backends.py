@@ -378,6 +378,21 @@ def test_config_default_backend_and_call_time_override(vqa, monkeypatch):
     assert len(stub.requests) == 1
 
 
+def test_backend_given_at_construction_is_the_default(vqa):
+    with StubServer(_reply(body=_completion_body("remote"))) as stub:
+        remote_by_default = type(vqa)(
+            model=vqa.model,
+            tokenizer=vqa.tokenizer,
+            captioner_processor=vqa.captioner_processor,
+            task="visual-med-alpaca",
+            device=-1,
+            backend=stub.backend(),
+        )
+        assert remote_by_default(TEXT_QUESTION)["backend"] == f"openai:{STUB_MODEL}"
+        assert remote_by_default(TEXT_QUESTION, backend="local")["backend"] == "local"
+    assert len(stub.requests) == 1
+
+
 def test_config_stores_the_backend_but_never_a_key(tmp_path):
     settings = {"type": "openai", "base_url": "http://vllm:8000/v1", "model": "m", "api_key_env": "OPENAI_API_KEY"}
     VisualMedAlpacaConfig(language_backend=settings).save_pretrained(tmp_path)
