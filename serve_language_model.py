@@ -17,6 +17,7 @@ The tests and ``benchmarks/bench_language_backends.py`` use ``export_language_mo
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,17 +96,22 @@ def _healthy(host: str, port: int) -> bool:
         return False
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args: ServeArguments) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     print(f"Loading the bundle {args.bundle} ...")
     model = AutoModel.from_pretrained(args.bundle, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.bundle)
+    tokenizer = AutoTokenizer.from_pretrained(args.bundle, trust_remote_code=True)
     model_dir = export_language_model(model, tokenizer, args.output_dir)
     print(f"Merged language model saved to {model_dir}; starting transformers serve ...")
     with transformers_serve(model_dir, host=args.host, port=args.port, device=args.device) as base_url:
         print(f'Serving: backend={{"type": "openai", "base_url": "{base_url}", "model": "{model_dir}"}}')
         print("Ctrl+C stops the server.")
+        signal.signal(signal.SIGTERM, _stop)  # a plain SIGTERM would skip the clean-up and orphan the server
         try:
             while True:
                 time.sleep(3600)
