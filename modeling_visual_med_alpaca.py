@@ -63,16 +63,24 @@ PROMPT_TEMPLATES = {
 
 
 def _alpaca_chat_template() -> str:
-    """A chat template whose user turn renders exactly the no-image inference prompt.
+    """A chat template whose plain user turn renders exactly the no-image inference prompt.
 
     Saved with the language model's tokenizer so the merged Med-Alpaca can also be served on its own by
-    OpenAI-compatible servers (``transformers serve``, vLLM, TGI) and still see the Alpaca prompt.
+    OpenAI-compatible servers (``transformers serve``, vLLM, TGI) and still see the Alpaca prompt. A user turn
+    that already is a complete Alpaca prompt (what the pipeline's chat backend sends) is used verbatim. BOS
+    comes first because chat tokenisation adds no special tokens: the served model then sees exactly the
+    tokens the local pipeline feeds it.
     """
     before, after = PROMPT_TEMPLATES["inference_no_image"].split("{question}")
     return (
+        "{{ bos_token }}"
         "{% for message in messages %}"
         "{% if message['role'] == 'user' %}"
+        "{% if message['content'].startswith('Below is an instruction that describes a task') %}"
+        "{{ message['content'] }}"
+        "{% else %}"
         f"{before}{{{{ message['content'] }}}}{after}"
+        "{% endif %}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
         "{% endfor %}"
     )
@@ -191,6 +199,29 @@ class ModelLoadError(VisualMedAlpacaError):
     http_status = 503
 
 
+class BackendError(VisualMedAlpacaError):
+    """The remote language-model server refused the request or answered with something unusable.
+
+    Messages name the server (scheme, host, port) and the HTTP status, never the prompt, the
+    server's response body or the API key.
+    """
+
+    exit_code = 4
+    http_status = 502
+
+
+class BackendUnavailableError(BackendError):
+    """The remote language-model server could not be reached, or still failed (429/5xx) after the retries."""
+
+    http_status = 503
+
+
+class BackendTimeoutError(BackendUnavailableError):
+    """The remote language-model server did not answer within the timeout (after the retries)."""
+
+    http_status = 504
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +291,11 @@ class VisualMedAlpacaConfig(PretrainedConfig):
             silent default is 2048).
         answer_max_new_tokens (`int`): default answer length.
         max_prompt_tokens (`int`): prompts longer than this are refused with a clear error.
+        language_backend (`str` or `dict`, *optional*): who answers the prompt by default: `"local"` (or
+            `None`, the bundle's own language model) or an OpenAI-compatible server, e.g.
+            `{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "med-alpaca",
+            "api_key_env": "OPENAI_API_KEY"}` (see `language_backends.py`). Only the *name* of the
+            environment variable that holds the key is stored, never the key.
     """
 
     model_type = "visual_med_alpaca"
@@ -279,6 +315,7 @@ class VisualMedAlpacaConfig(PretrainedConfig):
     chart_max_patches: int = 1024
     answer_max_new_tokens: int = 128
     max_prompt_tokens: int = 1536
+    language_backend: dict | str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -518,6 +555,9 @@ __all__ = [
     "DEFAULT_EXPERT_SPECS",
     "PROMPT_TEMPLATES",
     "INT8_SKIP_MODULES",
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
     "ExpertUnavailableError",
     "ImageInputError",
     "ImageTooLargeError",

@@ -13,10 +13,15 @@ Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart
 ``intermediate_text`` (exactly the caption/table the language model was given), ``image_metadata``
 (technical fields of the image only — never patient identity), ``routing`` (which expert the router
 chose, its score and how: ``statistics``, ``zero-shot``, ``forced`` or ``dicom``; ``None`` without an
-image), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
+image), ``backend`` (which language model answered: ``"local"`` or
+``"openai:MODEL"``), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
 
 Experts are plug-ins (``visual_experts.py``, described in ``config.experts``); the router
 (``image_router.py``) picks one per image unless the caller forces it with ``expert=...``.
+
+The language model is the bundle's own by default; ``backend={"type": "openai", "base_url": ..., "model": ...,
+"api_key_env": ...}`` (or ``config.language_backend``) sends the same prompt to an OpenAI-compatible server
+instead (see ``language_backends.py``).
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
@@ -31,6 +36,7 @@ from transformers import GenerationConfig, Pipeline
 
 try:
     from .image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
+    from .language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from .medical_image import LoadedImage, dicom_prompt_context, load_image
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -47,6 +53,7 @@ try:
     from .visual_experts import build_experts
 except ImportError:  # imported from a checkout as a top-level module
     from image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
+    from language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from medical_image import LoadedImage, dicom_prompt_context, load_image
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
@@ -121,6 +128,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         dicom_context: bool | None = None,
         generate_kwargs: dict | None = None,
         caption_generate_kwargs: dict | None = None,
+        backend: str | dict | None = None,
         **kwargs,
     ):
         preprocess_params: dict[str, Any] = {}
@@ -138,8 +146,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         if unknown:
             raise UnknownParameterError(
                 f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, dicom_context, "
-                "generate_kwargs, caption_generate_kwargs, and GenerationConfig keywords such as max_new_tokens "
-                "or num_beams. "
+                "generate_kwargs, caption_generate_kwargs, backend, and GenerationConfig keywords such as "
+                "max_new_tokens or num_beams. "
                 "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
             )
         answer_kwargs = dict(generate_kwargs or {})
@@ -154,6 +162,11 @@ class VisualMedAlpacaPipeline(Pipeline):
             raise UnknownParameterError(f"generate_kwargs holds unknown generation parameter(s): {', '.join(bad)}.")
         if answer_kwargs:
             forward_params["generate_kwargs"] = answer_kwargs
+        # Given here (at call or construction time) it wins; otherwise _answer uses config.language_backend.
+        if backend is not None:
+            forward_params["backend"] = parse_backend(backend) or BACKEND_LOCAL
+        if parse_backend(backend if backend is not None else self.model.config.language_backend) is not None:
+            request_options(answer_kwargs, self.model.config.answer_max_new_tokens)  # refuse what it cannot honour
         if caption_generate_kwargs:
             bad = sorted(set(caption_generate_kwargs) - GENERATION_KEYS)
             if bad:
@@ -231,7 +244,12 @@ class VisualMedAlpacaPipeline(Pipeline):
         return self.image_router.route(loaded.image)
 
     def _forward(
-        self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None, dicom_context: bool = False
+        self,
+        model_inputs: dict,
+        generate_kwargs=None,
+        caption_generate_kwargs=None,
+        dicom_context: bool = False,
+        backend=None,
     ) -> dict:
         batched = isinstance(model_inputs["question"], list)
         questions = model_inputs["question"] if batched else [model_inputs["question"]]
@@ -249,9 +267,11 @@ class VisualMedAlpacaPipeline(Pipeline):
                 if context:
                     intermediate_texts[i] = f"{context} {text}".strip()
         prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
-        answers = self._answer(prompts, generate_kwargs or {})
+        backend = parse_backend(backend if backend is not None else self.model.config.language_backend)
+        answers = self._answer(prompts, generate_kwargs or {}, backend)
         outputs = {
             "answer": answers,
+            "backend": [backend_name(backend)] * len(answers),
             "expert": experts,
             "image_metadata": metadata,
             "routing": model_inputs["routing"] if batched else [model_inputs["routing"]],
@@ -280,8 +300,10 @@ class VisualMedAlpacaPipeline(Pipeline):
                 intermediate_texts[i] = cleaned
         return intermediate_texts
 
-    def _answer(self, prompts: list[str], generate_kwargs: dict) -> list[str]:
-        """Language-model stage: left-padded batched greedy/sampled generation of the answers."""
+    def _answer(self, prompts: list[str], generate_kwargs: dict, backend=None) -> list[str]:
+        """Language-model stage: left-padded batched greedy/sampled generation, or a remote server's answers."""
+        if backend is not None:
+            return get_backend(backend).complete(prompts, generate_kwargs, self.model.config.answer_max_new_tokens)
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         too_long = int(encoded["attention_mask"].sum(dim=1).max())
         if too_long > self.model.config.max_prompt_tokens:
@@ -307,6 +329,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "intermediate_text": model_outputs["intermediate_text"],
             "image_metadata": model_outputs["image_metadata"],
             "routing": model_outputs["routing"],
+            "backend": model_outputs["backend"],
             "disclaimer": DISCLAIMER,
             "warnings": list(model_outputs["warnings"]),
         }

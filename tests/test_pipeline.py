@@ -21,7 +21,16 @@ from modeling_visual_med_alpaca import (
     build_inference_prompt,
 )
 
-RECORD_KEYS = {"answer", "expert", "intermediate_text", "image_metadata", "routing", "disclaimer", "warnings"}
+RECORD_KEYS = {
+    "answer",
+    "expert",
+    "intermediate_text",
+    "image_metadata",
+    "routing",
+    "backend",
+    "disclaimer",
+    "warnings",
+}
 
 
 class raises_typed:  # noqa: N801 - used like pytest.raises
