@@ -14,6 +14,21 @@ Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart
 (technical fields of the image only — never patient identity), ``prompt`` (with ``return_prompt=True``),
 ``disclaimer`` and ``warnings``.
 
+Follow-up questions (multi-turn): a request may carry ``history``, the earlier turns about the same case
+oldest first as ``{"question": ..., "answer": ...}`` dicts, and ``intermediate_text``, the image's text
+from the first turn's record (with its ``expert``), so the visual expert is not run again::
+
+    >>> first = vqa({"image": "chest.png", "question": "What abnormality is seen?"})
+    >>> vqa({"question": "Which side?", "expert": first["expert"], "intermediate_text": first["intermediate_text"],
+    ...      "history": [{"question": "What abnormality is seen?", "answer": first["answer"]}]})
+
+The prompt format is ``build_follow_up_prompt`` in ``modeling_visual_med_alpaca.py``. When the prompt would
+exceed ``config.max_prompt_tokens`` the oldest turns are left out (never the instruction, the current
+question or the intermediate text) and a warning says how many.
+
+Streaming (local language model): ``for chunk in vqa.stream(request): ...`` yields the answer's text
+pieces as they are generated, then, last, the full record (a dict).
+
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
 left padding, so the greedy answers of a batch equal those computed one at a time.
@@ -38,7 +53,7 @@ try:
         InvalidImageError,
         MissingQuestionError,
         UnknownParameterError,
-        build_inference_prompt,
+        build_follow_up_prompt,
         neutralize_template_markers,
     )
 except ImportError:  # imported from a checkout as a top-level module
@@ -53,12 +68,16 @@ except ImportError:  # imported from a checkout as a top-level module
         InvalidImageError,
         MissingQuestionError,
         UnknownParameterError,
-        build_inference_prompt,
+        build_follow_up_prompt,
         neutralize_template_markers,
     )
 
 TASK = "visual-med-alpaca"
-INPUT_KEYS = frozenset({"image", "question", "expert"})
+INPUT_KEYS = frozenset({"image", "question", "expert", "history", "intermediate_text"})
+HISTORY_TRIMMED_WARNING = (
+    "The conversation was too long for the language model's context: the {count} oldest turn(s) were left out "
+    "of the prompt (the instruction, the current question and the image's text are always kept)."
+)
 # Keywords of GenerationConfig that a caller may set for the answer.
 GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_")) - {
     "transformers_version",
@@ -162,7 +181,11 @@ class VisualMedAlpacaPipeline(Pipeline):
         image_features = None
         chosen = None
         image_metadata: dict = {}
-        if request.get("image") is not None and requested != "none":
+        history, precomputed_text = self._conversation(request, warnings)
+        if precomputed_text is not None:
+            # A follow-up about an image already read: reuse its text, do not run the expert again.
+            chosen = requested if requested in EXPERTS else EXPERT_RADIOLOGY
+        elif request.get("image") is not None and requested != "none":
             loaded: LoadedImage = load_image(request["image"])
             warnings.extend(loaded.warnings)
             image_metadata = dict(loaded.metadata)
@@ -192,7 +215,27 @@ class VisualMedAlpacaPipeline(Pipeline):
             "image_features": image_features,
             "image_metadata": image_metadata,
             "warnings": warnings,
+            "history": history,
+            "precomputed_text": precomputed_text,
         }
+
+    @staticmethod
+    def _conversation(request: dict, warnings: list[str]) -> tuple[list[dict], str | None]:
+        """The request's earlier turns and precomputed intermediate text, with template markers defused."""
+        history, changed = [], False
+        for turn in request.get("history") or ():
+            question, question_changed = neutralize_template_markers(turn["question"].strip())
+            answer, answer_changed = neutralize_template_markers(turn["answer"].strip())
+            changed = changed or question_changed or answer_changed
+            history.append({"question": question, "answer": answer})
+        if changed:
+            warnings.append("Prompt-template markers in the conversation history were neutralised.")
+        precomputed_text = request.get("intermediate_text")
+        if precomputed_text is not None:
+            precomputed_text, text_changed = neutralize_template_markers(precomputed_text.strip())
+            if text_changed:
+                warnings.append("Prompt-template markers in the given intermediate text were neutralised.")
+        return history, precomputed_text
 
     def _forward(self, model_inputs: dict, generate_kwargs=None, caption_generate_kwargs=None) -> dict:
         batched = isinstance(model_inputs["question"], list)
@@ -200,9 +243,20 @@ class VisualMedAlpacaPipeline(Pipeline):
         experts = model_inputs["expert"] if batched else [model_inputs["expert"]]
         features = model_inputs["image_features"] if batched else [model_inputs["image_features"]]
         warnings = [list(w) for w in (model_inputs["warnings"] if batched else [model_inputs["warnings"]])]
+        histories = model_inputs["history"] if batched else [model_inputs["history"]]
+        precomputed = model_inputs["precomputed_text"] if batched else [model_inputs["precomputed_text"]]
 
-        intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
-        prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
+        intermediate_texts = self._intermediate_texts(
+            [None if text is not None else name for name, text in zip(experts, precomputed, strict=True)],
+            features,
+            warnings,
+            caption_generate_kwargs or {},
+        )
+        intermediate_texts = [
+            text if text is not None else computed
+            for text, computed in zip(precomputed, intermediate_texts, strict=True)
+        ]
+        prompts = self._build_prompts(questions, intermediate_texts, histories, warnings)
         answers = self._answer(prompts, generate_kwargs or {})
         outputs = {
             "answer": answers,
@@ -232,6 +286,25 @@ class VisualMedAlpacaPipeline(Pipeline):
                     warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
                 intermediate_texts[i] = cleaned
         return intermediate_texts
+
+    def _build_prompts(
+        self, questions: list[str], intermediate_texts: list, histories: list[list[dict]], warnings: list[list[str]]
+    ) -> list[str]:
+        """Prompt manager: one Alpaca prompt per request; the oldest turns go first when the context is full."""
+        prompts = []
+        limit = self.model.config.max_prompt_tokens
+        for question, text, history, row_warnings in zip(
+            questions, intermediate_texts, histories, warnings, strict=True
+        ):
+            kept = list(history or ())
+            prompt = build_follow_up_prompt(question, text, kept)
+            while kept and len(self.tokenizer(prompt)["input_ids"]) > limit:
+                kept.pop(0)
+                prompt = build_follow_up_prompt(question, text, kept)
+            if len(kept) < len(history or ()):
+                row_warnings.append(HISTORY_TRIMMED_WARNING.format(count=len(history) - len(kept)))
+            prompts.append(prompt)
+        return prompts
 
     def _answer(self, prompts: list[str], generate_kwargs: dict) -> list[str]:
         """Language-model stage: left-padded batched greedy/sampled generation of the answers."""
@@ -272,6 +345,77 @@ class VisualMedAlpacaPipeline(Pipeline):
         if return_prompt:
             record["prompt"] = model_outputs["prompt"]
         return record
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(self, inputs=None, **kwargs):
+        """Answer one request with a local language model, yielding text pieces as they are generated.
+
+        Yields ``str`` chunks of the answer, then, last, the complete record (a ``dict``, the same as
+        ``__call__`` returns). Greedy streaming yields the same answer text as ``__call__``.
+        """
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        if inputs is None and "question" in kwargs:
+            inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
+        request = _normalise_request(inputs)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        model_inputs = self.preprocess(request, **preprocess_params)
+        warnings = [list(model_inputs["warnings"])]
+        expert = model_inputs["expert"]
+        precomputed_text = model_inputs["precomputed_text"]
+        if precomputed_text is None:
+            intermediate_text = self._intermediate_texts(
+                [expert], [model_inputs["image_features"]], warnings, forward_params.get("caption_generate_kwargs", {})
+            )[0]
+        else:
+            intermediate_text = precomputed_text
+        prompt = self._build_prompts(
+            [model_inputs["question"]], [intermediate_text], [model_inputs["history"]], warnings
+        )[0]
+        encoded = self.tokenizer([prompt], return_tensors="pt", padding=True)
+        prompt_tokens = int(encoded["attention_mask"].sum())
+        if prompt_tokens > self.model.config.max_prompt_tokens:
+            raise InputError(
+                f"The prompt is {prompt_tokens} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
+                "Shorten the question."
+            )
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **forward_params.get("generate_kwargs", {})}
+        if self.tokenizer.eos_token_id is not None:
+            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                self.model.generate_answer(
+                    encoded["input_ids"], encoded["attention_mask"], streamer=streamer, **answer_kwargs
+                )
+            except BaseException as error:  # re-raised in the caller's thread below
+                failure.append(error)
+                streamer.end()
+
+        worker = Thread(target=generate, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            if piece:
+                pieces.append(piece)
+                yield piece
+        worker.join()
+        if failure:
+            raise failure[0]
+        outputs = {
+            "answer": "".join(pieces).strip(),
+            "expert": expert,
+            "image_metadata": model_inputs["image_metadata"],
+            "intermediate_text": intermediate_text,
+            "prompt": prompt,
+            "warnings": warnings[0],
+        }
+        yield self.postprocess(outputs, **postprocess_params)
 
     # ------------------------------------------------------------------ saving
 
@@ -317,7 +461,30 @@ def _normalise_request(request) -> dict:
     image = request.get("image")
     if isinstance(image, str) and not image.strip():
         raise InvalidImageError("The 'image' string is empty; pass a path, bytes, or leave 'image' out.")
-    return {"question": question, "image": image, "expert": expert}
+    history = request.get("history")
+    if history is not None:
+        if not isinstance(history, (list, tuple)) or not all(
+            isinstance(turn, dict)
+            and set(turn) == {"question", "answer"}
+            and isinstance(turn["question"], str)
+            and isinstance(turn["answer"], str)
+            for turn in history
+        ):
+            raise InputError(
+                "'history' must be a list of earlier turns, oldest first, each a dict with exactly a 'question' "
+                "and an 'answer' string."
+            )
+        history = [dict(turn) for turn in history]
+    intermediate_text = request.get("intermediate_text")
+    if intermediate_text is not None and not isinstance(intermediate_text, str):
+        raise InputError("'intermediate_text' must be the string an earlier record returned, or left out.")
+    return {
+        "question": question,
+        "image": image,
+        "expert": expert,
+        "history": history,
+        "intermediate_text": intermediate_text,
+    }
 
 
 __all__ = ["TASK", "VisualMedAlpacaPipeline", "register_pipeline"]
