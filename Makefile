@@ -9,9 +9,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint format clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	# The project itself (editable, deps already there): installs the `visual-med-alpaca` command.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -346,6 +346,27 @@ class VisualMedAlpacaPipeline(Pipeline):
             record["prompt"] = model_outputs["prompt"]
         return record
 
+    def describe_image(self, image, expert: str | None = None, caption_generate_kwargs: dict | None = None) -> dict:
+        """Only the visual-expert stage: ``expert``, ``intermediate_text``, ``image_metadata``, ``warnings``.
+
+        What a follow-up needs to reuse (pass the record's ``intermediate_text`` and ``expert`` back).
+        """
+        if image is None:
+            raise InvalidImageError("describe_image needs an image.")
+        request = _normalise_request({"question": "-", "image": image, "expert": expert})
+        model_inputs = self.preprocess(request)
+        warnings = [list(model_inputs["warnings"])]
+        text = self._intermediate_texts(
+            [model_inputs["expert"]], [model_inputs["image_features"]], warnings, dict(caption_generate_kwargs or {})
+        )[0]
+        return {
+            "expert": model_inputs["expert"],
+            "intermediate_text": text,
+            "image_metadata": model_inputs["image_metadata"],
+            "disclaimer": DISCLAIMER,
+            "warnings": warnings[0],
+        }
+
     # ------------------------------------------------------------------ streaming
 
     def stream(self, inputs=None, **kwargs):
