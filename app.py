@@ -144,7 +144,8 @@ def build_app(vqa) -> gr.Blocks:
                 preview = gr.Image(label="As the model sees it", interactive=False, elem_id="preview")
                 panel = gr.Markdown(render_panel(new_session()), elem_id="panel")
             with gr.Column(scale=2):
-                chat = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+                # Model text is shown as plain text: a generated link or image tag must not render.
+                chat = gr.Chatbot(label="Conversation", elem_id="chat", height=420, render_markdown=False)
                 question = gr.Textbox(label="Question", placeholder="What abnormality is seen?", elem_id="question")
                 with gr.Row():
                     send = gr.Button("Ask", variant="primary", elem_id="ask")

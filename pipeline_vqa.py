@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Pipeline
+from transformers import GenerationConfig, Pipeline, TextIteratorStreamer
 
 try:
     from .medical_image import LoadedImage, load_image
@@ -377,8 +377,6 @@ class VisualMedAlpacaPipeline(Pipeline):
         """
         from threading import Thread
 
-        from transformers import TextIteratorStreamer
-
         if inputs is None and "question" in kwargs:
             inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
         request = _normalise_request(inputs)
@@ -403,7 +401,7 @@ class VisualMedAlpacaPipeline(Pipeline):
                 f"The prompt is {prompt_tokens} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
                 "Shorten the question."
             )
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _WholeAnswerStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **forward_params.get("generate_kwargs", {})}
         if self.tokenizer.eos_token_id is not None:
             answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
@@ -450,6 +448,39 @@ class VisualMedAlpacaPipeline(Pipeline):
         self.model.save_expert_processors(
             save_directory, captioner_processor=self.captioner_processor, chart_processor=self.chart_processor
         )
+
+
+class _WholeAnswerStreamer(TextIteratorStreamer):
+    """Yields what decoding the *whole* answer so far adds, so the pieces join to exactly the answer.
+
+    ``TextIteratorStreamer`` decodes word by word and restarts after each newline; for byte-level and
+    SentencePiece tokenizers that can add or drop a space compared with decoding all ids at once (what
+    ``__call__`` returns). Re-decoding the answer at each step costs little at answer lengths.
+    """
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self._answer_ids: list[int] = []
+        self._emitted = ""
+
+    def _emit_new_text(self, stream_end: bool = False) -> None:
+        text = self.tokenizer.decode(self._answer_ids, **self.decode_kwargs)
+        # Hold back an incomplete multi-byte character until the next token completes it.
+        if (stream_end or not text.endswith("\ufffd")) and text.startswith(self._emitted):
+            new_text, self._emitted = text[len(self._emitted) :], text
+            if new_text:
+                self.on_finalized_text(new_text)
+
+    def put(self, value) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self._answer_ids.extend(value.reshape(-1).tolist())  # one request: batch size 1
+        self._emit_new_text()
+
+    def end(self) -> None:
+        self._emit_new_text(stream_end=True)
+        self.on_finalized_text("", stream_end=True)
 
 
 def register_pipeline() -> None:

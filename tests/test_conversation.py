@@ -114,8 +114,8 @@ def test_streaming_yields_the_same_text_as_greedy_generation(vqa, radiology_imag
     request = {"question": "What abnormality is seen?", "history": HISTORY}
     if with_image:
         request["image"] = str(radiology_images[1])
-    expected = vqa(request, return_prompt=True, max_new_tokens=12)
-    items = list(vqa.stream(request, return_prompt=True, max_new_tokens=12))
+    expected = vqa(request, return_prompt=True, max_new_tokens=96)  # long enough for newlines
+    items = list(vqa.stream(request, return_prompt=True, max_new_tokens=96))
     *chunks, record = items
     assert isinstance(record, dict) and all(isinstance(c, str) for c in chunks)
     assert "".join(chunks).strip() == expected["answer"]
