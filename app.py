@@ -66,6 +66,8 @@ def render_panel(session: dict, status: str = "") -> str:
         if session["image_metadata"]:
             fields = "\n".join(f"| {key} | {value} |" for key, value in sorted(session["image_metadata"].items()))
             lines.append(f"**Image technical fields:**\n\n| field | value |\n|---|---|\n{fields}")
+    # Counts finished turns only (it changes when an answer is complete, not while it streams).
+    lines.append(f"**Turns so far:** {len(session['history'])}")
     lines.append(f"\n---\n_{DISCLAIMER}_")
     return "\n\n".join(lines)
 

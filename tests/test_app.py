@@ -95,7 +95,7 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_serving(client, tmp_path):
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"PATIENT-NAME-DOE" * 8)
     preview, chat, panel = client.predict(handle_file(str(bad)), api_name="/read_image")
-    assert preview is None and "⚠️" in panel and "corrupt" in panel and "PATIENT" not in panel
+    assert preview is None and "⚠️ The data is not an image in an accepted format" in panel and "PATIENT" not in panel
     # Still serving: an empty question gets a message, a real one an answer (text-only: no image kept).
     _, chat, panel = client.predict("   ", api_name="/ask")
     assert chat == [] and "Type a question first" in panel

@@ -44,8 +44,8 @@ const appHost = new URL(url).host;
       await page.locator("#question textarea").fill(question);
       await page.locator("#ask").click();
       await bot.nth(expectedReplies - 1).waitFor();
-      // Done when the question box was cleared by the final update of the stream.
-      await page.waitForFunction(() => document.querySelector("#question textarea").value === "");
+      // Done when the panel counts the finished turn (it changes only with the stream's final update).
+      await page.locator("#panel").getByText(`Turns so far: ${expectedReplies}`).waitFor();
       return (await bot.nth(expectedReplies - 1).innerText()).trim();
     };
     const firstAnswer = await ask("What abnormality is seen?", 1);
