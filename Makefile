@@ -30,6 +30,7 @@ demo: $(STAMP)
 	apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 $(PLAYWRIGHT_CORE):
+	command -v npm >/dev/null || apt-get install -y --no-install-recommends nodejs npm
 	mkdir -p build/browser
 	npm install --prefix build/browser --no-audit --no-fund --no-save playwright-core@$(PLAYWRIGHT_CORE_VERSION)
 

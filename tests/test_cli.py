@@ -164,3 +164,11 @@ def test_batch_over_folder_and_csv_records_bad_rows(bundle_dir, radiology_images
     records = {r["id"]: r for r in _answers(csv_out)}
     assert "answer" in records["0"] and records["1"]["error_type"] == "InvalidImageError"
     assert main(["batch", *common, "--output", str(tmp_path / "x.jsonl"), str(tmp_path / "nope.csv")]) == 2
+
+
+def test_ask_load_in_8bit_runs_on_cpu(bundle_dir):
+    """--load-in-8bit maps to the bundle's BitsAndBytes config (language model blocks only)."""
+    result = run_cli("ask", "--model", bundle_dir, "--load-in-8bit", "--json", "--max-new-tokens", "3", "Q?")
+    assert result.returncode == EXIT_OK, result.stderr
+    record = json.loads(result.stdout)
+    assert record["disclaimer"] == DISCLAIMER and record["expert"] is None and isinstance(record["answer"], str)
