@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Pipeline, TextIteratorStreamer
+from transformers import GenerationConfig, Pipeline, StoppingCriteria, TextIteratorStreamer
 
 try:
     from .medical_image import LoadedImage, load_image
@@ -375,7 +375,9 @@ class VisualMedAlpacaPipeline(Pipeline):
         Yields ``str`` chunks of the answer, then, last, the complete record (a ``dict``, the same as
         ``__call__`` returns). Greedy streaming yields the same answer text as ``__call__``.
         """
-        from threading import Thread
+        from threading import Event, Thread
+
+        from transformers import StoppingCriteriaList
 
         if inputs is None and "question" in kwargs:
             inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
@@ -406,11 +408,17 @@ class VisualMedAlpacaPipeline(Pipeline):
         if self.tokenizer.eos_token_id is not None:
             answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         failure: list[BaseException] = []
+        # Set when the consumer stops early (closes the generator, e.g. a client disconnected).
+        abandoned = Event()
 
         def generate() -> None:
             try:
                 self.model.generate_answer(
-                    encoded["input_ids"], encoded["attention_mask"], streamer=streamer, **answer_kwargs
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]),
+                    **answer_kwargs,
                 )
             except BaseException as error:  # re-raised in the caller's thread below
                 failure.append(error)
@@ -419,11 +427,14 @@ class VisualMedAlpacaPipeline(Pipeline):
         worker = Thread(target=generate, daemon=True)
         worker.start()
         pieces = []
-        for piece in streamer:
-            if piece:
-                pieces.append(piece)
-                yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        finally:
+            abandoned.set()  # no-op when generation already finished
+            worker.join()
         if failure:
             raise failure[0]
         outputs = {
@@ -448,6 +459,16 @@ class VisualMedAlpacaPipeline(Pipeline):
         self.model.save_expert_processors(
             save_directory, captioner_processor=self.captioner_processor, chart_processor=self.chart_processor
         )
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once ``event`` is set (the stream's consumer went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _WholeAnswerStreamer(TextIteratorStreamer):

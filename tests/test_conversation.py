@@ -129,3 +129,22 @@ def test_streaming_rejects_bad_input_before_generating(vqa):
 
     with raises_typed(MissingQuestionError):
         next(vqa.stream({"question": "  "}))
+
+
+def test_closing_the_stream_early_stops_generation(vqa):
+    """A consumer that goes away (closed generator) ends the generation thread instead of leaking it."""
+    import threading
+
+    steps = []
+    hook = vqa.model.language_model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        before = threading.active_count()
+        stream = vqa.stream({"question": "What treats hair loss?"}, max_new_tokens=400, min_new_tokens=400)
+        assert isinstance(next(stream), str)
+        stream.close()  # tells the worker to stop, then joins it
+        assert threading.active_count() == before
+    finally:
+        hook.remove()
+    assert len(steps) < 400  # stopped early, not run to the 400-token minimum
+    # The pipeline still answers normally afterwards.
+    assert isinstance(vqa({"question": "Q?"}, max_new_tokens=2)["answer"], str)
