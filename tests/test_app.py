@@ -8,6 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from modeling_visual_med_alpaca import DISCLAIMER
@@ -25,13 +26,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(vqa):
+def app_demo(vqa):
     import app
 
     demo = app.build_app(vqa)
     app.launch(demo, port=_free_port(), prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    yield demo.local_url
+    yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(app_demo):
+    return app_demo.local_url
 
 
 @pytest.fixture
@@ -116,17 +122,25 @@ def test_dicom_upload_never_shows_identity(client):
     assert not any(value in panel for value in identity)
 
 
-def test_queue_upload_limit_and_no_share_link(app_url):
+def test_queue_upload_limit_and_no_share_link(app_demo, client, tmp_path):
+    from gradio_client import handle_file
+
     import app
 
-    demo = app.build_app  # settings are module constants used by build_app/launch
-    assert app.CONCURRENCY_LIMIT >= 1 and app.QUEUE_MAX_SIZE >= 1 and demo
-    from gradio_client import Client
-
-    config = Client(app_url, verbose=False).config
-    assert config["max_file_size"] == 20 * 1000 * 1000 or config["max_file_size"] == 20 * 1024 * 1024
-    assert not config.get("share_url")
+    assert app_demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
+    assert app_demo._queue.max_size == app.QUEUE_MAX_SIZE
+    assert app_demo.share is False and app_demo.share_url is None
+    assert client.config["max_file_size"] == 20 * 1024 * 1024
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    oversized = tmp_path / "huge.png"
+    oversized.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))
+    with pytest.raises(ValueError, match="maximum file size"):  # the client checks the server's limit...
+        client.predict(handle_file(str(oversized)), api_name="/read_image")
+    # ...and the server enforces it for any uploader.
+    refused = httpx.post(app_demo.local_url + "gradio_api/upload", files={"files": oversized.open("rb")}, timeout=60)
+    assert refused.status_code == 413
+    _, chat, _ = client.predict("Still serving?", api_name="/ask")
+    assert [m["role"] for m in chat] == ["user", "assistant"]
 
 
 def test_app_in_headless_chromium(app_url, vqa, radiology_images):
