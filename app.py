@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 from pathlib import Path
 
 # Before gradio is imported: no analytics/version calls to the internet from the server.
@@ -55,16 +56,27 @@ def _user_message(error: Exception) -> str:
     return "⚠️ The model could not answer this request. Please try again; if it persists, reload the page."
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def escape_markdown(text: str) -> str:
+    """Model and file text is shown literally: a generated link, image or table must not render."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
 def render_panel(session: dict, status: str = "") -> str:
     lines = [status, ""] if status else []
     if session["image_key"] is None:
         lines.append("**Expert:** none (no image: questions are answered from text alone)")
     else:
         lines.append(f"**Expert:** {session['expert']}")
-        text = session["intermediate_text"] or "(empty)"
+        text = escape_markdown(session["intermediate_text"] or "(empty)")
         lines.append(f"**Intermediate text** (what the language model is told about the image):\n\n> {text}")
         if session["image_metadata"]:
-            fields = "\n".join(f"| {key} | {value} |" for key, value in sorted(session["image_metadata"].items()))
+            fields = "\n".join(
+                f"| {escape_markdown(key)} | {escape_markdown(value)} |"
+                for key, value in sorted(session["image_metadata"].items())
+            )
             lines.append(f"**Image technical fields:**\n\n| field | value |\n|---|---|\n{fields}")
     # Counts finished turns only (it changes when an answer is complete, not while it streams).
     lines.append(f"**Turns so far:** {len(session['history'])}")

@@ -72,12 +72,14 @@ def _expected_answer(vqa, description, question, history=()):
 def test_api_reads_the_image_once_and_answers_follow_ups(client, vqa, radiology_images):
     from gradio_client import handle_file
 
+    import app
+
     image = radiology_images[0]
     preview, chat, panel = client.predict(handle_file(str(image)), api_name="/read_image")
     description = vqa.describe_image(str(image))
     assert Path(preview).exists() and chat == []
     assert f"**Expert:** {description['expert']}" in panel
-    assert description["intermediate_text"] in panel and DISCLAIMER in panel
+    assert app.escape_markdown(description["intermediate_text"]) in panel and DISCLAIMER in panel
     assert "| width |" in panel and "| height |" in panel
 
     question_box, chat, panel = client.predict("What abnormality is seen?", api_name="/ask")
@@ -170,5 +172,7 @@ def test_app_in_headless_chromium(app_url, vqa, radiology_images):
     assert " ".join(page["followUpAnswer"].split()) == " ".join((follow_up or "(empty answer)").split())
     assert page["userMessages"] == ["What abnormality is seen?", "Which side is affected?"]
     assert "Expert: radiology" in page["panel"] and DISCLAIMER in page["panel"]
+    # The expert's text is shown literally (escaped, not rendered as Markdown).
+    assert " ".join(description["intermediate_text"].split()) in " ".join(page["panel"].split())
     assert page["externalRequests"] == []  # nothing fetched from the internet
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
