@@ -7,11 +7,18 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format clean
+# The browser test (tests/test_app.py) drives Debian's chromium with the playwright-core npm package
+# (a browser build of its own cannot be downloaded here). CI runs as root on a fresh machine.
+PLAYWRIGHT_CORE := build/browser/node_modules/playwright-core/package.json
+PLAYWRIGHT_CORE_VERSION := 1.65.1
 
-$(STAMP): requirements.txt requirements-dev.txt
+.PHONY: install demo test lint format clean browser-deps
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	# The project itself (editable, deps already there): installs the `visual-med-alpaca` command.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,7 +26,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
-test: $(STAMP)
+/usr/bin/chromium:
+	apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+$(PLAYWRIGHT_CORE):
+	command -v npm >/dev/null || apt-get install -y --no-install-recommends nodejs npm
+	mkdir -p build/browser
+	npm install --prefix build/browser --no-audit --no-fund --no-save playwright-core@$(PLAYWRIGHT_CORE_VERSION)
+
+browser-deps: /usr/bin/chromium $(PLAYWRIGHT_CORE)
+
+test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -59,6 +59,22 @@ PROMPT_TEMPLATES = {
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
     ),
+    # Follow-up questions (multi-turn; this project's extension, not part of the original system). The
+    # current question stays the instruction; the image's intermediate text and the earlier turns, oldest
+    # first, are the input. With an empty history the inference templates above are used unchanged.
+    "follow_up_with_image": (
+        "Below is an instruction that describes a task, paired with an input that provides further context "
+        "of an uploaded image. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{question}\n\n### Input:\n{image_caption}\n\n{conversation}\n\n### Response:\n"
+    ),
+    "follow_up_no_image": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{question}\n\n### Input:\n{conversation}\n\n### Response:\n"
+    ),
+    # The earlier conversation inside a follow-up's input: a header, then one block per turn.
+    "conversation_header": "Earlier conversation about this case:",
+    "conversation_turn": "Question: {question}\nAnswer: {answer}",
 }
 
 
@@ -113,6 +129,25 @@ def build_inference_prompt(question: str, intermediate_text: str | None = None) 
     if intermediate_text is None:
         return PROMPT_TEMPLATES["inference_no_image"].format(question=question)
     return PROMPT_TEMPLATES["inference_with_image"].format(question=question, image_caption=intermediate_text)
+
+
+def build_follow_up_prompt(
+    question: str, intermediate_text: str | None = None, history: list[dict] | tuple = ()
+) -> str:
+    """The prompt of a question asked after earlier turns about the same case (image or no image).
+
+    ``history`` holds the earlier turns, oldest first, as ``{"question": ..., "answer": ...}`` dicts.
+    With no history this is exactly ``build_inference_prompt``; all texts must already be neutralised.
+    """
+    if not history:
+        return build_inference_prompt(question, intermediate_text)
+    turns = [PROMPT_TEMPLATES["conversation_turn"].format(question=t["question"], answer=t["answer"]) for t in history]
+    conversation = "\n\n".join([PROMPT_TEMPLATES["conversation_header"], *turns])
+    if intermediate_text is None:
+        return PROMPT_TEMPLATES["follow_up_no_image"].format(question=question, conversation=conversation)
+    return PROMPT_TEMPLATES["follow_up_with_image"].format(
+        question=question, image_caption=intermediate_text, conversation=conversation
+    )
 
 
 def build_training_prompt(instruction: str, input_text: str = "") -> str:
@@ -573,6 +608,7 @@ __all__ = [
     "VisualMedAlpacaError",
     "VisualMedAlpacaModel",
     "VisualMedAlpacaPreTrainedModel",
+    "build_follow_up_prompt",
     "build_inference_prompt",
     "build_training_prompt",
     "int8_quantization_config",

@@ -23,6 +23,21 @@ The language model is the bundle's own by default; ``backend={"type": "openai", 
 "api_key_env": ...}`` (or ``config.language_backend``) sends the same prompt to an OpenAI-compatible server
 instead (see ``language_backends.py``).
 
+Follow-up questions (multi-turn): a request may carry ``history``, the earlier turns about the same case
+oldest first as ``{"question": ..., "answer": ...}`` dicts, and ``intermediate_text``, the image's text
+from the first turn's record (with its ``expert``), so the visual expert is not run again::
+
+    >>> first = vqa({"image": "chest.png", "question": "What abnormality is seen?"})
+    >>> vqa({"question": "Which side?", "expert": first["expert"], "intermediate_text": first["intermediate_text"],
+    ...      "history": [{"question": "What abnormality is seen?", "answer": first["answer"]}]})
+
+The prompt format is ``build_follow_up_prompt`` in ``modeling_visual_med_alpaca.py``. When the prompt would
+exceed ``config.max_prompt_tokens`` the oldest turns are left out (never the instruction, the current
+question or the intermediate text) and a warning says how many.
+
+Streaming (local language model): ``for chunk in vqa.stream(request): ...`` yields the answer's text
+pieces as they are generated, then, last, the full record (a dict).
+
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
 left padding, so the greedy answers of a batch equal those computed one at a time.
@@ -32,7 +47,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GenerationConfig, Pipeline
+import torch
+from transformers import GenerationConfig, Pipeline, StoppingCriteria, TextIteratorStreamer
 
 try:
     from .image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
@@ -47,7 +63,7 @@ try:
         InvalidImageError,
         MissingQuestionError,
         UnknownParameterError,
-        build_inference_prompt,
+        build_follow_up_prompt,
         neutralize_template_markers,
     )
     from .visual_experts import build_experts
@@ -64,13 +80,17 @@ except ImportError:  # imported from a checkout as a top-level module
         InvalidImageError,
         MissingQuestionError,
         UnknownParameterError,
-        build_inference_prompt,
+        build_follow_up_prompt,
         neutralize_template_markers,
     )
     from visual_experts import build_experts
 
 TASK = "visual-med-alpaca"
-INPUT_KEYS = frozenset({"image", "question", "expert"})
+INPUT_KEYS = frozenset({"image", "question", "expert", "history", "intermediate_text"})
+HISTORY_TRIMMED_WARNING = (
+    "The conversation was too long for the language model's context: the {count} oldest turn(s) were left out "
+    "of the prompt (the instruction, the current question and the image's text are always kept)."
+)
 # Keywords of GenerationConfig that a caller may set for the answer.
 GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_")) - {
     "transformers_version",
@@ -200,7 +220,11 @@ class VisualMedAlpacaPipeline(Pipeline):
         chosen = None
         routing = None
         image_metadata: dict = {}
-        if request.get("image") is not None and requested == "none":
+        history, precomputed_text = self._conversation(request, warnings)
+        if precomputed_text is not None:
+            # A follow-up about an image already read: reuse its text, do not run the expert again.
+            chosen = requested if requested in self.experts else EXPERT_RADIOLOGY
+        elif request.get("image") is not None and requested == "none":
             routing = RoutingDecision(expert=None, score=None, mode=MODE_FORCED).as_record()
         elif request.get("image") is not None:
             loaded: LoadedImage = load_image(request["image"])
@@ -231,6 +255,8 @@ class VisualMedAlpacaPipeline(Pipeline):
             "image_features": image_features,
             "image_metadata": image_metadata,
             "warnings": warnings,
+            "history": history,
+            "precomputed_text": precomputed_text,
         }
 
     def _route(self, loaded: LoadedImage, requested: str | None, warnings: list[str]) -> RoutingDecision:
@@ -242,6 +268,24 @@ class VisualMedAlpacaPipeline(Pipeline):
         if requested is not None:
             return RoutingDecision(expert=requested, score=1.0, mode=MODE_FORCED)
         return self.image_router.route(loaded.image)
+
+    @staticmethod
+    def _conversation(request: dict, warnings: list[str]) -> tuple[list[dict], str | None]:
+        """The request's earlier turns and precomputed intermediate text, with template markers defused."""
+        history, changed = [], False
+        for turn in request.get("history") or ():
+            question, question_changed = neutralize_template_markers(turn["question"].strip())
+            answer, answer_changed = neutralize_template_markers(turn["answer"].strip())
+            changed = changed or question_changed or answer_changed
+            history.append({"question": question, "answer": answer})
+        if changed:
+            warnings.append("Prompt-template markers in the conversation history were neutralised.")
+        precomputed_text = request.get("intermediate_text")
+        if precomputed_text is not None:
+            precomputed_text, text_changed = neutralize_template_markers(precomputed_text.strip())
+            if text_changed:
+                warnings.append("Prompt-template markers in the given intermediate text were neutralised.")
+        return history, precomputed_text
 
     def _forward(
         self,
@@ -257,16 +301,27 @@ class VisualMedAlpacaPipeline(Pipeline):
         features = model_inputs["image_features"] if batched else [model_inputs["image_features"]]
         warnings = [list(w) for w in (model_inputs["warnings"] if batched else [model_inputs["warnings"]])]
         metadata = model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]]
+        histories = model_inputs["history"] if batched else [model_inputs["history"]]
+        precomputed = model_inputs["precomputed_text"] if batched else [model_inputs["precomputed_text"]]
 
-        intermediate_texts = self._intermediate_texts(experts, features, warnings, caption_generate_kwargs or {})
+        intermediate_texts = self._intermediate_texts(
+            [None if text is not None else name for name, text in zip(experts, precomputed, strict=True)],
+            features,
+            warnings,
+            caption_generate_kwargs or {},
+        )
+        intermediate_texts = [
+            text if text is not None else computed
+            for text, computed in zip(precomputed, intermediate_texts, strict=True)
+        ]
         if dicom_context:
             # Allowlisted, VR-validated DICOM fields ("Modality: CT. Body part: HEAD.") lead the expert's text,
             # so intermediate_text stays exactly what the language model is given.
             for i, text in enumerate(intermediate_texts):
-                context = dicom_prompt_context(metadata[i]) if text is not None else None
+                context = dicom_prompt_context(metadata[i]) if text is not None and precomputed[i] is None else None
                 if context:
                     intermediate_texts[i] = f"{context} {text}".strip()
-        prompts = [build_inference_prompt(q, t) for q, t in zip(questions, intermediate_texts, strict=True)]
+        prompts = self._build_prompts(questions, intermediate_texts, histories, warnings)
         backend = parse_backend(backend if backend is not None else self.model.config.language_backend)
         answers = self._answer(prompts, generate_kwargs or {}, backend)
         outputs = {
@@ -299,6 +354,25 @@ class VisualMedAlpacaPipeline(Pipeline):
                     warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
                 intermediate_texts[i] = cleaned
         return intermediate_texts
+
+    def _build_prompts(
+        self, questions: list[str], intermediate_texts: list, histories: list[list[dict]], warnings: list[list[str]]
+    ) -> list[str]:
+        """Prompt manager: one Alpaca prompt per request; the oldest turns go first when the context is full."""
+        prompts = []
+        limit = self.model.config.max_prompt_tokens
+        for question, text, history, row_warnings in zip(
+            questions, intermediate_texts, histories, warnings, strict=True
+        ):
+            kept = list(history or ())
+            prompt = build_follow_up_prompt(question, text, kept)
+            while kept and len(self.tokenizer(prompt)["input_ids"]) > limit:
+                kept.pop(0)
+                prompt = build_follow_up_prompt(question, text, kept)
+            if len(kept) < len(history or ()):
+                row_warnings.append(HISTORY_TRIMMED_WARNING.format(count=len(history) - len(kept)))
+            prompts.append(prompt)
+        return prompts
 
     def _answer(self, prompts: list[str], generate_kwargs: dict, backend=None) -> list[str]:
         """Language-model stage: left-padded batched greedy/sampled generation, or a remote server's answers."""
@@ -337,6 +411,107 @@ class VisualMedAlpacaPipeline(Pipeline):
             record["prompt"] = model_outputs["prompt"]
         return record
 
+    def describe_image(self, image, expert: str | None = None, caption_generate_kwargs: dict | None = None) -> dict:
+        """Only the visual-expert stage: ``expert``, ``intermediate_text``, ``image_metadata``, ``warnings``.
+
+        What a follow-up needs to reuse (pass the record's ``intermediate_text`` and ``expert`` back).
+        """
+        if image is None:
+            raise InvalidImageError("describe_image needs an image.")
+        request = _normalise_request({"question": "-", "image": image, "expert": expert})
+        model_inputs = self.preprocess(request)
+        warnings = [list(model_inputs["warnings"])]
+        text = self._intermediate_texts(
+            [model_inputs["expert"]], [model_inputs["image_features"]], warnings, dict(caption_generate_kwargs or {})
+        )[0]
+        return {
+            "expert": model_inputs["expert"],
+            "intermediate_text": text,
+            "image_metadata": model_inputs["image_metadata"],
+            "disclaimer": DISCLAIMER,
+            "warnings": warnings[0],
+        }
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(self, inputs=None, **kwargs):
+        """Answer one request with a local language model, yielding text pieces as they are generated.
+
+        Yields ``str`` chunks of the answer, then, last, the complete record (a ``dict``, the same as
+        ``__call__`` returns). Greedy streaming yields the same answer text as ``__call__``.
+        """
+        from threading import Event, Thread
+
+        from transformers import StoppingCriteriaList
+
+        if inputs is None and "question" in kwargs:
+            inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
+        request = _normalise_request(inputs)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        model_inputs = self.preprocess(request, **preprocess_params)
+        warnings = [list(model_inputs["warnings"])]
+        expert = model_inputs["expert"]
+        precomputed_text = model_inputs["precomputed_text"]
+        if precomputed_text is None:
+            intermediate_text = self._intermediate_texts(
+                [expert], [model_inputs["image_features"]], warnings, forward_params.get("caption_generate_kwargs", {})
+            )[0]
+        else:
+            intermediate_text = precomputed_text
+        prompt = self._build_prompts(
+            [model_inputs["question"]], [intermediate_text], [model_inputs["history"]], warnings
+        )[0]
+        encoded = self.tokenizer([prompt], return_tensors="pt", padding=True)
+        prompt_tokens = int(encoded["attention_mask"].sum())
+        if prompt_tokens > self.model.config.max_prompt_tokens:
+            raise InputError(
+                f"The prompt is {prompt_tokens} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
+                "Shorten the question."
+            )
+        streamer = _WholeAnswerStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **forward_params.get("generate_kwargs", {})}
+        if self.tokenizer.eos_token_id is not None:
+            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        failure: list[BaseException] = []
+        # Set when the consumer stops early (closes the generator, e.g. a client disconnected).
+        abandoned = Event()
+
+        def generate() -> None:
+            try:
+                self.model.generate_answer(
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]),
+                    **answer_kwargs,
+                )
+            except BaseException as error:  # re-raised in the caller's thread below
+                failure.append(error)
+                streamer.end()
+
+        worker = Thread(target=generate, daemon=True)
+        worker.start()
+        pieces = []
+        try:
+            for piece in streamer:
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        finally:
+            abandoned.set()  # no-op when generation already finished
+            worker.join()
+        if failure:
+            raise failure[0]
+        outputs = {
+            "answer": "".join(pieces).strip(),
+            "expert": expert,
+            "image_metadata": model_inputs["image_metadata"],
+            "intermediate_text": intermediate_text,
+            "prompt": prompt,
+            "warnings": warnings[0],
+        }
+        yield self.postprocess(outputs, **postprocess_params)
+
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -349,6 +524,49 @@ class VisualMedAlpacaPipeline(Pipeline):
         self.model.save_expert_processors(
             save_directory, **{name: expert.processor for name, expert in self.experts.items()}
         )
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once ``event`` is set (the stream's consumer went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _WholeAnswerStreamer(TextIteratorStreamer):
+    """Yields what decoding the *whole* answer so far adds, so the pieces join to exactly the answer.
+
+    ``TextIteratorStreamer`` decodes word by word and restarts after each newline; for byte-level and
+    SentencePiece tokenizers that can add or drop a space compared with decoding all ids at once (what
+    ``__call__`` returns). Re-decoding the answer at each step costs little at answer lengths.
+    """
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self._answer_ids: list[int] = []
+        self._emitted = ""
+
+    def _emit_new_text(self, stream_end: bool = False) -> None:
+        text = self.tokenizer.decode(self._answer_ids, **self.decode_kwargs)
+        # Hold back an incomplete multi-byte character until the next token completes it.
+        if (stream_end or not text.endswith("\ufffd")) and text.startswith(self._emitted):
+            new_text, self._emitted = text[len(self._emitted) :], text
+            if new_text:
+                self.on_finalized_text(new_text)
+
+    def put(self, value) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self._answer_ids.extend(value.reshape(-1).tolist())  # one request: batch size 1
+        self._emit_new_text()
+
+    def end(self) -> None:
+        self._emit_new_text(stream_end=True)
+        self.on_finalized_text("", stream_end=True)
 
 
 def register_pipeline() -> None:
@@ -387,7 +605,30 @@ def _normalise_request(request, known_experts) -> dict:
     image = request.get("image")
     if isinstance(image, str) and not image.strip():
         raise InvalidImageError("The 'image' string is empty; pass a path, bytes, or leave 'image' out.")
-    return {"question": question, "image": image, "expert": expert}
+    history = request.get("history")
+    if history is not None:
+        if not isinstance(history, (list, tuple)) or not all(
+            isinstance(turn, dict)
+            and set(turn) == {"question", "answer"}
+            and isinstance(turn["question"], str)
+            and isinstance(turn["answer"], str)
+            for turn in history
+        ):
+            raise InputError(
+                "'history' must be a list of earlier turns, oldest first, each a dict with exactly a 'question' "
+                "and an 'answer' string."
+            )
+        history = [dict(turn) for turn in history]
+    intermediate_text = request.get("intermediate_text")
+    if intermediate_text is not None and not isinstance(intermediate_text, str):
+        raise InputError("'intermediate_text' must be the string an earlier record returned, or left out.")
+    return {
+        "question": question,
+        "image": image,
+        "expert": expert,
+        "history": history,
+        "intermediate_text": intermediate_text,
+    }
 
 
 __all__ = ["TASK", "VisualMedAlpacaPipeline", "register_pipeline"]

@@ -12,6 +12,7 @@ the merged LM can be served by OpenAI-compatible servers). Tests, the demo and t
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import functools
 from pathlib import Path
@@ -40,7 +41,8 @@ def roco_captions(limit: int | None = None) -> tuple[str, ...]:
 
 
 def _training_corpus() -> list[str]:
-    templates = [t.format(question="", image_caption="", instruction="", input="") for t in PROMPT_TEMPLATES.values()]
+    # Every template with its fields left empty (format_map: templates differ in which fields they have).
+    templates = [t.format_map(collections.defaultdict(str)) for t in PROMPT_TEMPLATES.values()]
     return templates * 20 + list(roco_captions())
 
 

@@ -37,6 +37,11 @@ def test_training_templates_are_byte_exact():
         "inference_no_image",
         "training_with_input",
         "training_no_input",
+        # This project's multi-turn extension (tests/test_conversation.py).
+        "follow_up_with_image",
+        "follow_up_no_image",
+        "conversation_header",
+        "conversation_turn",
     }
 
 
