@@ -418,7 +418,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         """
         if image is None:
             raise InvalidImageError("describe_image needs an image.")
-        request = _normalise_request({"question": "-", "image": image, "expert": expert})
+        request = _normalise_request({"question": "-", "image": image, "expert": expert}, self.model.config.experts)
         model_inputs = self.preprocess(request)
         warnings = [list(model_inputs["warnings"])]
         text = self._intermediate_texts(
@@ -446,7 +446,7 @@ class VisualMedAlpacaPipeline(Pipeline):
 
         if inputs is None and "question" in kwargs:
             inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
-        request = _normalise_request(inputs)
+        request = _normalise_request(inputs, self.model.config.experts)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         model_inputs = self.preprocess(request, **preprocess_params)
         warnings = [list(model_inputs["warnings"])]
@@ -506,6 +506,8 @@ class VisualMedAlpacaPipeline(Pipeline):
             "answer": "".join(pieces).strip(),
             "expert": expert,
             "image_metadata": model_inputs["image_metadata"],
+            "routing": model_inputs["routing"],
+            "backend": BACKEND_LOCAL,
             "intermediate_text": intermediate_text,
             "prompt": prompt,
             "warnings": warnings[0],
