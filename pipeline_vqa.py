@@ -86,6 +86,10 @@ except ImportError:  # imported from a checkout as a top-level module
     from visual_experts import build_experts
 
 TASK = "visual-med-alpaca"
+# The record contract every surface (pipeline, CLI, app, endpoint) returns; ``prompt`` is added on request.
+RECORD_KEYS = frozenset(
+    {"answer", "expert", "intermediate_text", "image_metadata", "routing", "backend", "disclaimer", "warnings"}
+)
 INPUT_KEYS = frozenset({"image", "question", "expert", "history", "intermediate_text"})
 HISTORY_TRIMMED_WARNING = (
     "The conversation was too long for the language model's context: the {count} oldest turn(s) were left out "
@@ -633,4 +637,4 @@ def _normalise_request(request, known_experts) -> dict:
     }
 
 
-__all__ = ["TASK", "VisualMedAlpacaPipeline", "register_pipeline"]
+__all__ = ["RECORD_KEYS", "TASK", "VisualMedAlpacaPipeline", "register_pipeline"]

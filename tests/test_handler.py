@@ -10,7 +10,8 @@ import pytest
 from modeling_visual_med_alpaca import DISCLAIMER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"answer", "expert", "intermediate_text", "image_metadata", "disclaimer", "warnings"}
+from pipeline_vqa import RECORD_KEYS  # noqa: E402
+
 SECRET = "DOE^JOHN-patient-secret"
 
 

@@ -835,7 +835,10 @@ def test_pipeline_routes_dicom_to_radiology_and_context_is_optional(vqa):
     assert with_context["intermediate_text"] == f"Modality: CT. Body part: HEAD. {plain['intermediate_text']}"
     assert with_context["prompt"] == build_inference_prompt("Which organ?", with_context["intermediate_text"])
     png = encode(Image.new("L", (16, 16), 90), "PNG")
-    png_record = vqa({"image": png, "question": "Which organ?"}, dicom_context=True, return_prompt=True)
+    # A flat gray square is neither scan nor chart for the router: force the captioner to read it.
+    png_record = vqa(
+        {"image": png, "question": "Which organ?", "expert": "radiology"}, dicom_context=True, return_prompt=True
+    )
     assert not png_record["intermediate_text"].startswith("Modality:")
     assert png_record["image_metadata"] == {"width": 16, "height": 16}
 

@@ -20,17 +20,7 @@ from modeling_visual_med_alpaca import (
     UnknownParameterError,
     build_inference_prompt,
 )
-
-RECORD_KEYS = {
-    "answer",
-    "expert",
-    "intermediate_text",
-    "image_metadata",
-    "routing",
-    "backend",
-    "disclaimer",
-    "warnings",
-}
+from pipeline_vqa import RECORD_KEYS  # noqa: E402
 
 
 class raises_typed:  # noqa: N801 - used like pytest.raises

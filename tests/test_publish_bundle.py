@@ -18,7 +18,8 @@ from huggingface_hub import ModelCard
 from modeling_visual_med_alpaca import ALPACA_CHAT_TEMPLATE, DISCLAIMER, build_inference_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"answer", "expert", "intermediate_text", "image_metadata", "disclaimer", "warnings"}
+from pipeline_vqa import RECORD_KEYS  # noqa: E402
+
 LEFTOVERS = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 
 
@@ -158,7 +159,8 @@ def test_tokenizer_has_pad_token_and_alpaca_chat_template(published):
     assert tokenizer.pad_token is not None
     assert tokenizer.chat_template == ALPACA_CHAT_TEMPLATE
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is a stroke?"}], tokenize=False)
-    assert rendered == build_inference_prompt("What is a stroke?")
+    # BOS first: chat tokenisation adds no special tokens, so the served model sees the pipeline's tokens.
+    assert rendered == tokenizer.bos_token + build_inference_prompt("What is a stroke?")
 
 
 def test_endpoint_requirements_carry_the_runtime_pins(published):
