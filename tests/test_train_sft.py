@@ -399,8 +399,12 @@ def test_sigkilled_run_resumes_to_the_same_final_state(tiny_llama_dir, train_fil
     assert resumed_steps == [1, 2, 3, 4, 5]  # steps 1-2 restored from the checkpoint's state, 3-5 trained again
     final = load_file(killed_dir / "adapter_model.safetensors")
     expected = load_file(tmp_path / "reference" / "adapter_model.safetensors")
-    for name, tensor in expected.items():  # optimizer moments, schedule and data order were restored
-        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-4)
+    # Optimizer moments, schedule and data order were restored. The killed run is another process (other
+    # thread count, other float summation order), so compare in relative norm: a wrong restore (fresh Adam
+    # moments, another data order) moves steps 3-5, i.e. most of each tensor, far beyond 1%.
+    for name, tensor in expected.items():
+        relative = (final[name] - tensor).norm() / tensor.norm().clamp_min(1e-12)
+        assert relative < 1e-2, (name, float(relative))
 
 
 def test_two_process_cpu_run(tiny_llama_dir, train_file, tmp_path):
