@@ -382,6 +382,12 @@ class VisualMedAlpacaPipeline(Pipeline):
         """Language-model stage: left-padded batched greedy/sampled generation, or a remote server's answers."""
         if backend is not None:
             return get_backend(backend).complete(prompts, generate_kwargs, self.model.config.answer_max_new_tokens)
+        encoded, answer_kwargs = self._prepare_local_generation(prompts, generate_kwargs)
+        answer_ids = self.model.generate_answer(encoded["input_ids"], encoded["attention_mask"], **answer_kwargs)
+        return [answer.strip() for answer in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
+
+    def _prepare_local_generation(self, prompts: list[str], generate_kwargs: dict) -> tuple[dict, dict]:
+        """Left-padded prompt tensors (length-checked) and the answer's generate keywords (pad/EOS filled in)."""
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         too_long = int(encoded["attention_mask"].sum(dim=1).max())
         if too_long > self.model.config.max_prompt_tokens:
@@ -392,8 +398,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
         if self.tokenizer.eos_token_id is not None:
             answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        answer_ids = self.model.generate_answer(encoded["input_ids"], encoded["attention_mask"], **answer_kwargs)
-        return [answer.strip() for answer in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
+        return encoded, answer_kwargs
 
     def _run_expert(self, expert_name: str, features: list[dict], generate_kwargs: dict) -> list[str]:
         if expert_name not in self.experts:
@@ -465,17 +470,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         prompt = self._build_prompts(
             [model_inputs["question"]], [intermediate_text], [model_inputs["history"]], warnings
         )[0]
-        encoded = self.tokenizer([prompt], return_tensors="pt", padding=True)
-        prompt_tokens = int(encoded["attention_mask"].sum())
-        if prompt_tokens > self.model.config.max_prompt_tokens:
-            raise InputError(
-                f"The prompt is {prompt_tokens} tokens long; the limit is {self.model.config.max_prompt_tokens}. "
-                "Shorten the question."
-            )
+        encoded, answer_kwargs = self._prepare_local_generation([prompt], forward_params.get("generate_kwargs", {}))
         streamer = _WholeAnswerStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **forward_params.get("generate_kwargs", {})}
-        if self.tokenizer.eos_token_id is not None:
-            answer_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         failure: list[BaseException] = []
         # Set when the consumer stops early (closes the generator, e.g. a client disconnected).
         abandoned = Event()
