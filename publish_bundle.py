@@ -150,6 +150,10 @@ class PublishArguments:
         default=None,
         metadata={"help": "JSON {'dataset': {'name', 'type', 'split'}, 'metrics': {name: value}} for the model card."},
     )
+    card_notice: str | None = field(
+        default=None,
+        metadata={"help": "A notice shown at the top of the model card, e.g. that the weights are demo weights."},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +439,7 @@ def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, outpu
         model_name=model_name,
         repo_id=args.repo_id or "org/visual-med-alpaca",
         disclaimer=DISCLAIMER,
+        notice=args.card_notice,
         experts=experts,
         language_model=f"`{type(model.language_model).__name__}`"
         + (" with the LoRA adapter merged" if args.adapter else " (already merged)"),
