@@ -14,7 +14,8 @@ Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart
 (technical fields of the image only — never patient identity), ``routing`` (which expert the router
 chose, its score and how: ``statistics``, ``zero-shot``, ``forced`` or ``dicom``; ``None`` without an
 image), ``backend`` (which language model answered: ``"local"`` or
-``"openai:MODEL"``), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
+``"openai:MODEL"``), ``intermediate_cached`` (``True`` when the intermediate text was reused instead of being
+produced by the expert for this request), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
 
 Experts are plug-ins (``visual_experts.py``, described in ``config.experts``); the router
 (``image_router.py``) picks one per image unless the caller forces it with ``expert=...``.
@@ -40,7 +41,22 @@ pieces as they are generated, then, last, the full record (a dict).
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
-left padding, so the greedy answers of a batch equal those computed one at a time.
+left padding, so the greedy answers of a batch equal those computed one at a time. A list longer than
+``batch_size`` is ordered by estimated prompt length before batching (``group_by_length=False`` turns it off)
+and the records come back in input order.
+
+Intermediate-text cache: the experts' texts are kept in a bounded LRU map (``config.intermediate_cache_size``,
+default 256; ``pipeline(..., intermediate_cache_size=N)`` overrides it, ``0`` disables it), keyed by
+
+- a digest of the decoded image (pixels, mode and size after loading and DICOM windowing): the same pixels in
+  PNG, a path, bytes or a PIL image hit alike, and no DICOM header field, file name or question enters the key;
+- the expert's name and its weights' revision: the bundle's Hub commit when it was loaded from the Hub or its
+  cache, otherwise a digest of the expert's weights (computed once per pipeline, about a second per GB), so
+  other weights never reuse a text. After changing weights in place, call ``vqa.intermediate_cache.clear()``;
+- the caption generation settings (``caption_generate_kwargs`` and the expert's defaults).
+
+Only digests and expert texts are stored. Repeats of an image inside one batch are read once too.
+``vqa.intermediate_cache.hits`` / ``.misses`` count lookups.
 """
 
 from __future__ import annotations
