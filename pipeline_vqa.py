@@ -519,8 +519,12 @@ class VisualMedAlpacaPipeline(Pipeline):
             raw_texts: dict[int, str] = {}
             to_read: list[list[int]] = []  # one list per expert run: the inputs that share that image
             by_key: dict[tuple, list[int]] = {}
+            keys = {
+                i: self._cache_key(expert_name, image_hashes[i], generate_kwargs) if cache.enabled else None
+                for i in indices
+            }
             for i in indices:
-                key = self._cache_key(expert_name, image_hashes[i], generate_kwargs) if cache.enabled else None
+                key = keys[i]
                 if key is None:
                     to_read.append([i])
                 elif key in by_key:  # the same image earlier in this batch
@@ -534,11 +538,8 @@ class VisualMedAlpacaPipeline(Pipeline):
             if to_read:
                 texts = self._run_expert(expert_name, [features[group[0]] for group in to_read], generate_kwargs)
                 for group, text in zip(to_read, texts, strict=True):
-                    key = (
-                        self._cache_key(expert_name, image_hashes[group[0]], generate_kwargs) if cache.enabled else None
-                    )
-                    if key is not None:
-                        cache.put(key, text)
+                    if keys[group[0]] is not None:
+                        cache.put(keys[group[0]], text)
                     for position, i in enumerate(group):
                         raw_texts[i], cached[i] = text, position > 0
             for i, text in raw_texts.items():

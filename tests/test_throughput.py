@@ -186,12 +186,13 @@ def test_grouping_by_length_keeps_order_and_answers_and_cuts_padding(vqa):
     assert padding(grouped_batches) < padding(ungrouped_batches)
 
 
-def test_importing_remote_code_skips_optional_packages():
+def test_importing_remote_code_and_entry_points_skips_optional_packages():
     """Optional parts (DICOM decoding, plotting, OpenAI client, Gradio, metrics, datasets) load on first use."""
     script = textwrap.dedent(
         """
         import json, sys
         import modeling_visual_med_alpaca, pipeline_vqa
+        import evaluate_vqa, handler, visual_med_alpaca_cli
         optional = ["pydicom", "matplotlib", "openai", "gradio", "pycocoevalcap", "datasets"]
         print(json.dumps(sorted(name for name in optional if name in sys.modules)))
         """
