@@ -48,14 +48,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
-from pydicom.filereader import data_element_generator
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 try:
     from .modeling_visual_med_alpaca import (
@@ -419,12 +411,72 @@ def _from_array(array: np.ndarray, max_pixels: int, background) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------ DICOM
 
+# pydicom is imported on the first DICOM, not with this module: PNG/JPEG inputs (and importing the pipeline)
+# do not pay for it. _import_pydicom binds these module globals once; outside code reads them through
+# __getattr__ below (e.g. a test that wraps pixel_array before any DICOM was read).
+_PYDICOM_NAMES = frozenset(
+    {
+        "dcmread",
+        "dictionary_VR",
+        "Dataset",
+        "get_frame",
+        "data_element_generator",
+        "MultiValue",
+        "apply_color_lut",
+        "apply_modality_lut",
+        "apply_voi",
+        "apply_windowing",
+        "get_decoder",
+        "pixel_array",
+        "UID",
+        "DeflatedExplicitVRLittleEndian",
+        "MediaStorageDirectoryStorage",
+    }
+)
+_pydicom_lock = threading.Lock()
+_pydicom_imported = False
+
+
+def _import_pydicom() -> None:
+    """Bind the pydicom names this module uses, once (a name patched afterwards stays patched)."""
+    global _pydicom_imported, dcmread, dictionary_VR, Dataset, get_frame, data_element_generator, MultiValue
+    global apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
+    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+    with _pydicom_lock:
+        if _pydicom_imported:
+            return
+        from pydicom import dcmread
+        from pydicom.datadict import dictionary_VR
+        from pydicom.dataset import Dataset
+        from pydicom.encaps import get_frame
+        from pydicom.filereader import data_element_generator
+        from pydicom.multival import MultiValue
+        from pydicom.pixels import (
+            apply_color_lut,
+            apply_modality_lut,
+            apply_voi,
+            apply_windowing,
+            get_decoder,
+            pixel_array,
+        )
+        from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+
+        _pydicom_imported = True
+
+
+def __getattr__(name: str):
+    if name in _PYDICOM_NAMES:
+        _import_pydicom()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
 def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
+    _import_pydicom()
     # pydicom's warnings quote element values too: they are dropped, not recorded.
     with _library_logs_dropped(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

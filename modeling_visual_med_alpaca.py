@@ -326,6 +326,9 @@ class VisualMedAlpacaConfig(PretrainedConfig):
             silent default is 2048).
         answer_max_new_tokens (`int`): default answer length.
         max_prompt_tokens (`int`): prompts longer than this are refused with a clear error.
+        intermediate_cache_size (`int`): how many experts' texts the pipeline keeps, keyed by image content,
+            expert and weights revision, so several questions about one image run its expert once (LRU;
+            `0` disables it). The pipeline's `intermediate_cache_size=` argument overrides it.
         language_backend (`str` or `dict`, *optional*): who answers the prompt by default: `"local"` (or
             `None`, the bundle's own language model) or an OpenAI-compatible server, e.g.
             `{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "med-alpaca",
@@ -350,6 +353,7 @@ class VisualMedAlpacaConfig(PretrainedConfig):
     chart_max_patches: int = 1024
     answer_max_new_tokens: int = 128
     max_prompt_tokens: int = 1536
+    intermediate_cache_size: int = 256
     language_backend: dict | str | None = None
     tie_word_embeddings: bool = False
 

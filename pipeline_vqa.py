@@ -14,7 +14,8 @@ Every input yields one record: ``answer``, ``expert`` (``"radiology"``, ``"chart
 (technical fields of the image only — never patient identity), ``routing`` (which expert the router
 chose, its score and how: ``statistics``, ``zero-shot``, ``forced`` or ``dicom``; ``None`` without an
 image), ``backend`` (which language model answered: ``"local"`` or
-``"openai:MODEL"``), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
+``"openai:MODEL"``), ``intermediate_cached`` (``True`` when the intermediate text was reused instead of being
+produced by the expert for this request), ``prompt`` (with ``return_prompt=True``), ``disclaimer`` and ``warnings``.
 
 Experts are plug-ins (``visual_experts.py``, described in ``config.experts``); the router
 (``image_router.py``) picks one per image unless the caller forces it with ``expert=...``.
@@ -40,11 +41,31 @@ pieces as they are generated, then, last, the full record (a dict).
 
 Batching: preprocess returns plain Python values plus per-image tensors wrapped in a dict, which the
 pipeline collate passes through as lists; ``_forward`` batches captioning and answering itself, with
-left padding, so the greedy answers of a batch equal those computed one at a time.
+left padding, so the greedy answers of a batch equal those computed one at a time. A list longer than
+``batch_size`` is ordered by estimated prompt length before batching (``group_by_length=False`` turns it off)
+and the records come back in input order.
+
+Intermediate-text cache: the experts' texts are kept in a bounded LRU map (``config.intermediate_cache_size``,
+default 256; ``pipeline(..., intermediate_cache_size=N)`` overrides it, ``0`` disables it), keyed by
+
+- a digest of the decoded image (pixels, mode and size after loading and DICOM windowing): the same pixels in
+  PNG, a path, bytes or a PIL image hit alike, and no DICOM header field, file name or question enters the key;
+- the expert's name and its weights' revision: the bundle's Hub commit when it was loaded from the Hub or its
+  cache, otherwise a digest of the expert's weights (computed once per pipeline, about a second per GB), so
+  other weights never reuse a text. After changing weights in place, call ``vqa.intermediate_cache.clear()``;
+- the caption generation settings (``caption_generate_kwargs`` and the expert's defaults).
+
+Only digests and expert texts are stored. Repeats of an image inside one batch are read once too.
+``vqa.intermediate_cache.hits`` / ``.misses`` count lookups.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -88,7 +109,17 @@ except ImportError:  # imported from a checkout as a top-level module
 TASK = "visual-med-alpaca"
 # The record contract every surface (pipeline, CLI, app, endpoint) returns; ``prompt`` is added on request.
 RECORD_KEYS = frozenset(
-    {"answer", "expert", "intermediate_text", "image_metadata", "routing", "backend", "disclaimer", "warnings"}
+    {
+        "answer",
+        "expert",
+        "intermediate_text",
+        "intermediate_cached",
+        "image_metadata",
+        "routing",
+        "backend",
+        "disclaimer",
+        "warnings",
+    }
 )
 INPUT_KEYS = frozenset({"image", "question", "expert", "history", "intermediate_text"})
 HISTORY_TRIMMED_WARNING = (
@@ -108,6 +139,89 @@ NO_EXPERT_WARNING = (
     "was answered without it. Pass expert='radiology' or expert='chart' to force one."
 )
 
+# A Hub commit hash: the bundle's revision when it was loaded from the Hub or its cache.
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_SNAPSHOT_COMMIT = re.compile(r"[\\/]snapshots[\\/]([0-9a-f]{40})(?:[\\/]|$)")
+
+
+class IntermediateTextCache:
+    """A bounded (LRU) map from (image content hash, expert, weights revision, generation settings) to the text
+    the expert produced for that image.
+
+    Only digests and expert texts are stored: never the image, its file name, its DICOM header or the question.
+    ``maxsize=0`` disables it: every image is read by its expert, even the same image twice in one batch.
+    ``hits`` / ``misses`` count lookups (a repeat of an image within one batch counts as a hit).
+    Thread-safe (a server may answer several requests at once).
+    """
+
+    def __init__(self, maxsize: int):
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 0:
+            raise InputError("intermediate_cache_size must be an integer >= 0 (0 disables the cache).")
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._texts: OrderedDict[tuple, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.maxsize > 0
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            text = self._texts.get(key)
+            if text is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._texts.move_to_end(key)
+            return text
+
+    def count_hit(self) -> None:
+        with self._lock:
+            self.hits += 1
+
+    def put(self, key: tuple, text: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self._texts[key] = text
+            self._texts.move_to_end(key)
+            while len(self._texts) > self.maxsize:
+                self._texts.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every text and reset the counters (e.g. after changing an expert's weights in place)."""
+        with self._lock:
+            self._texts.clear()
+            self.hits = self.misses = 0
+
+
+def image_content_hash(image) -> str:
+    """Digest of the decoded pixels, mode and size: the same pixels hash alike whatever the container (PNG, JPEG
+    re-encoded losslessly, base64, bytes, a path). For DICOM it is taken after decoding and windowing, from the
+    pixels only, so no header field (and no patient identifier) enters it."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Digest of a module's parameters and buffers (names, dtypes, shapes, values): the expert's revision when the
+    bundle was not loaded from the Hub. Computed once per expert per pipeline (about a second per GB)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        if tensor.device.type == "meta":  # offloaded weights: their values are not in memory here
+            digest.update(f"meta:{id(module)}".encode())
+            continue
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 
 class VisualMedAlpacaPipeline(Pipeline):
     """Visual question answering for biomedical images (Med-GIT / DePlot experts + Med-Alpaca)."""
@@ -120,7 +234,14 @@ class VisualMedAlpacaPipeline(Pipeline):
     _pipeline_calls_generate = False
 
     def __init__(
-        self, *args, captioner_processor=None, chart_processor=None, expert_processors=None, image_router=None, **kwargs
+        self,
+        *args,
+        captioner_processor=None,
+        chart_processor=None,
+        expert_processors=None,
+        image_router=None,
+        intermediate_cache_size: int | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         if self.tokenizer is None:
@@ -142,6 +263,11 @@ class VisualMedAlpacaPipeline(Pipeline):
             model=config.router_model,
             labels={name: spec["router_label"] for name, spec in config.experts.items() if spec.get("router_label")},
         )
+        # Intermediate texts by image content: several questions about one image run its expert once.
+        if intermediate_cache_size is None:
+            intermediate_cache_size = getattr(config, "intermediate_cache_size", 0)
+        self.intermediate_cache = IntermediateTextCache(intermediate_cache_size)
+        self._expert_revisions: dict[str, str] = {}
 
     # ------------------------------------------------------------------ parameters
 
@@ -200,17 +326,37 @@ class VisualMedAlpacaPipeline(Pipeline):
 
     # ------------------------------------------------------------------ entry point
 
-    def __call__(self, inputs=None, **kwargs):
-        """Answer one request (dict), or a list of them; a plain string is a text-only question."""
+    def __call__(self, inputs=None, group_by_length: bool = True, **kwargs):
+        """Answer one request (dict), or a list of them; a plain string is a text-only question.
+
+        A list is answered in batches of ``batch_size``; with ``group_by_length`` (default) requests of similar
+        prompt length are batched together to cut padding, and the records still come back in input order.
+        """
         if inputs is None and "question" in kwargs:
             inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                return []
-            inputs = [_normalise_request(item, self.model.config.experts) for item in inputs]
-        else:
-            inputs = _normalise_request(inputs, self.model.config.experts)
-        return super().__call__(inputs, **kwargs)
+        if not isinstance(inputs, (list, tuple)):
+            return super().__call__(_normalise_request(inputs, self.model.config.experts), **kwargs)
+        if not inputs:
+            return []
+        inputs = [_normalise_request(item, self.model.config.experts) for item in inputs]
+        batch_size = kwargs.get("batch_size") or self._batch_size or 1
+        if not group_by_length or len(inputs) <= batch_size:  # one batch: nothing to group
+            return super().__call__(inputs, **kwargs)
+        order = sorted(range(len(inputs)), key=lambda i: self._prompt_length_estimate(inputs[i]))
+        records = super().__call__([inputs[i] for i in order], **kwargs)
+        in_input_order = [None] * len(inputs)
+        for position, index in enumerate(order):
+            in_input_order[index] = records[position]
+        return in_input_order
+
+    def _prompt_length_estimate(self, request: dict) -> int:
+        """Tokens of the prompt's known parts; an image adds its expert's text, at most caption_max_new_tokens."""
+        parts = [request["question"], request.get("intermediate_text") or ""]
+        parts += [text for turn in request.get("history") or () for text in (turn["question"], turn["answer"])]
+        length = len(self.tokenizer("\n".join(parts), add_special_tokens=False)["input_ids"])
+        if request.get("image") is not None and request.get("intermediate_text") is None:
+            length += self.model.config.caption_max_new_tokens
+        return length
 
     # ------------------------------------------------------------------ stages
 
@@ -224,6 +370,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         chosen = None
         routing = None
         image_metadata: dict = {}
+        image_hash = None
         history, precomputed_text = self._conversation(request, warnings)
         if precomputed_text is not None:
             # A follow-up about an image already read: reuse its text, do not run the expert again.
@@ -249,6 +396,8 @@ class VisualMedAlpacaPipeline(Pipeline):
                 chosen = EXPERT_RADIOLOGY
             if chosen is not None:
                 image_features = self.experts[chosen].prepare(loaded.image)
+                if self.intermediate_cache.enabled:
+                    image_hash = image_content_hash(loaded.image)
         elif requested is not None and requested != "none":
             warnings.append(f"expert={requested!r} was requested but no image was given; answered without one.")
         # Values are plain Python / dicts so the default collate passes them through as lists.
@@ -257,6 +406,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "expert": chosen,
             "routing": routing,
             "image_features": image_features,
+            "image_hash": image_hash,
             "image_metadata": image_metadata,
             "warnings": warnings,
             "history": history,
@@ -307,12 +457,14 @@ class VisualMedAlpacaPipeline(Pipeline):
         metadata = model_inputs["image_metadata"] if batched else [model_inputs["image_metadata"]]
         histories = model_inputs["history"] if batched else [model_inputs["history"]]
         precomputed = model_inputs["precomputed_text"] if batched else [model_inputs["precomputed_text"]]
+        image_hashes = model_inputs["image_hash"] if batched else [model_inputs["image_hash"]]
 
-        intermediate_texts = self._intermediate_texts(
+        intermediate_texts, cached = self._intermediate_texts(
             [None if text is not None else name for name, text in zip(experts, precomputed, strict=True)],
             features,
             warnings,
             caption_generate_kwargs or {},
+            image_hashes,
         )
         intermediate_texts = [
             text if text is not None else computed
@@ -335,6 +487,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "image_metadata": metadata,
             "routing": model_inputs["routing"] if batched else [model_inputs["routing"]],
             "intermediate_text": intermediate_texts,
+            "intermediate_cached": cached,
             "prompt": prompts,
             "warnings": warnings,
         }
@@ -343,21 +496,91 @@ class VisualMedAlpacaPipeline(Pipeline):
         return outputs
 
     def _intermediate_texts(
-        self, experts: list, features: list, warnings: list[list[str]], generate_kwargs: dict
-    ) -> list[str | None]:
-        """Visual-expert stage: one batched run per expert; texts come back in input order."""
+        self,
+        experts: list,
+        features: list,
+        warnings: list[list[str]],
+        generate_kwargs: dict,
+        image_hashes: list | None = None,
+    ) -> tuple[list[str | None], list[bool]]:
+        """Visual-expert stage: one batched run per expert over the images it has not read yet.
+
+        Returns the texts in input order and, per input, whether its text was reused (from the cache, or from
+        the same image earlier in this batch) instead of being produced by the expert for it.
+        """
         intermediate_texts: list[str | None] = [None] * len(experts)
+        cached = [False] * len(experts)
+        image_hashes = image_hashes or [None] * len(experts)
+        cache = self.intermediate_cache
         for expert_name in self.experts:
             indices = [i for i, name in enumerate(experts) if name == expert_name]
             if not indices:
                 continue
-            texts = self._run_expert(expert_name, [features[i] for i in indices], generate_kwargs)
-            for i, text in zip(indices, texts, strict=True):
+            raw_texts: dict[int, str] = {}
+            to_read: list[list[int]] = []  # one list per expert run: the inputs that share that image
+            by_key: dict[tuple, list[int]] = {}
+            keys = {
+                i: self._cache_key(expert_name, image_hashes[i], generate_kwargs) if cache.enabled else None
+                for i in indices
+            }
+            for i in indices:
+                key = keys[i]
+                if key is None:
+                    to_read.append([i])
+                elif key in by_key:  # the same image earlier in this batch
+                    cache.count_hit()
+                    by_key[key].append(i)
+                elif (text := cache.get(key)) is not None:
+                    raw_texts[i], cached[i] = text, True
+                else:
+                    by_key[key] = [i]
+                    to_read.append(by_key[key])
+            if to_read:
+                texts = self._run_expert(expert_name, [features[group[0]] for group in to_read], generate_kwargs)
+                for group, text in zip(to_read, texts, strict=True):
+                    if keys[group[0]] is not None:
+                        cache.put(keys[group[0]], text)
+                    for position, i in enumerate(group):
+                        raw_texts[i], cached[i] = text, position > 0
+            for i, text in raw_texts.items():
                 cleaned, changed = neutralize_template_markers(text.strip())
                 if changed:
                     warnings[i].append("Prompt-template markers in the expert's text were neutralised.")
                 intermediate_texts[i] = cleaned
-        return intermediate_texts
+        return intermediate_texts, cached
+
+    def _cache_key(self, expert_name: str, image_hash: str | None, generate_kwargs: dict) -> tuple | None:
+        """What an expert's text depends on: the pixels, the expert, its weights and its generation settings."""
+        if image_hash is None:
+            return None
+        spec = self.experts[expert_name].spec
+        config = self.model.config
+        settings = json.dumps(
+            {
+                "generate": generate_kwargs,
+                "spec": {key: spec.get(key) for key in ("prompt", "max_new_tokens", "max_patches")},
+                "defaults": [config.caption_max_new_tokens, config.chart_max_new_tokens, config.chart_max_patches],
+            },
+            sort_keys=True,
+            default=repr,
+        )
+        return (image_hash, expert_name, self._expert_revision(expert_name), settings)
+
+    def _expert_revision(self, expert_name: str) -> str:
+        """The expert weights' revision: the bundle's Hub commit when it came from the Hub (or its cache), else a
+        fingerprint of the weights themselves (computed once)."""
+        if expert_name not in self._expert_revisions:
+            source = getattr(self.model, "_bundle_source", None) or {"name_or_path": self.model.name_or_path}
+            revision = str(source.get("revision") or "")
+            snapshot = _SNAPSHOT_COMMIT.search(str(source.get("name_or_path") or ""))
+            if _COMMIT_HASH.fullmatch(revision):
+                found = f"commit:{source['name_or_path']}@{revision}"
+            elif snapshot:
+                found = f"commit:{snapshot.group(1)}"
+            else:
+                found = f"weights:{weights_fingerprint(self.model.expert_module(expert_name))}"
+            self._expert_revisions[expert_name] = found
+        return self._expert_revisions[expert_name]
 
     def _build_prompts(
         self, questions: list[str], intermediate_texts: list, histories: list[list[dict]], warnings: list[list[str]]
@@ -410,6 +633,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "answer": model_outputs["answer"],
             "expert": model_outputs["expert"],
             "intermediate_text": model_outputs["intermediate_text"],
+            "intermediate_cached": model_outputs["intermediate_cached"],
             "image_metadata": model_outputs["image_metadata"],
             "routing": model_outputs["routing"],
             "backend": model_outputs["backend"],
@@ -430,12 +654,17 @@ class VisualMedAlpacaPipeline(Pipeline):
         request = _normalise_request({"question": "-", "image": image, "expert": expert}, self.model.config.experts)
         model_inputs = self.preprocess(request)
         warnings = [list(model_inputs["warnings"])]
-        text = self._intermediate_texts(
-            [model_inputs["expert"]], [model_inputs["image_features"]], warnings, dict(caption_generate_kwargs or {})
-        )[0]
+        texts, cached = self._intermediate_texts(
+            [model_inputs["expert"]],
+            [model_inputs["image_features"]],
+            warnings,
+            dict(caption_generate_kwargs or {}),
+            [model_inputs["image_hash"]],
+        )
         return {
             "expert": model_inputs["expert"],
-            "intermediate_text": text,
+            "intermediate_text": texts[0],
+            "intermediate_cached": cached[0],
             "image_metadata": model_inputs["image_metadata"],
             "disclaimer": DISCLAIMER,
             "warnings": warnings[0],
@@ -461,12 +690,16 @@ class VisualMedAlpacaPipeline(Pipeline):
         warnings = [list(model_inputs["warnings"])]
         expert = model_inputs["expert"]
         precomputed_text = model_inputs["precomputed_text"]
+        intermediate_text, intermediate_cached = precomputed_text, False
         if precomputed_text is None:
-            intermediate_text = self._intermediate_texts(
-                [expert], [model_inputs["image_features"]], warnings, forward_params.get("caption_generate_kwargs", {})
-            )[0]
-        else:
-            intermediate_text = precomputed_text
+            texts, cached = self._intermediate_texts(
+                [expert],
+                [model_inputs["image_features"]],
+                warnings,
+                forward_params.get("caption_generate_kwargs", {}),
+                [model_inputs["image_hash"]],
+            )
+            intermediate_text, intermediate_cached = texts[0], cached[0]
         prompt = self._build_prompts(
             [model_inputs["question"]], [intermediate_text], [model_inputs["history"]], warnings
         )[0]
@@ -509,6 +742,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             "routing": model_inputs["routing"],
             "backend": BACKEND_LOCAL,
             "intermediate_text": intermediate_text,
+            "intermediate_cached": intermediate_cached,
             "prompt": prompt,
             "warnings": warnings[0],
         }
@@ -633,4 +867,12 @@ def _normalise_request(request, known_experts) -> dict:
     }
 
 
-__all__ = ["RECORD_KEYS", "TASK", "VisualMedAlpacaPipeline", "register_pipeline"]
+__all__ = [
+    "RECORD_KEYS",
+    "TASK",
+    "IntermediateTextCache",
+    "VisualMedAlpacaPipeline",
+    "image_content_hash",
+    "register_pipeline",
+    "weights_fingerprint",
+]

@@ -115,7 +115,14 @@ def test_image_sources_give_identical_records(vqa, radiology_images):
     as_pil = Image.open(path)
     sources = [str(path), path, path.read_bytes(), as_pil, np.asarray(as_pil.convert("RGB"))]
     records = [vqa({"image": source, "question": "Is this normal?"}) for source in sources]
-    assert all(record == records[0] for record in records)
+    # The same pixels in another container hit the caption cache: only the first may have run the captioner.
+    assert all(record["intermediate_cached"] for record in records[1:])
+    assert all(without_cache_flag(record) == without_cache_flag(records[0]) for record in records)
+
+
+def without_cache_flag(record: dict) -> dict:
+    """A record minus ``intermediate_cached``, which depends on what the shared pipeline has seen before."""
+    return {key: value for key, value in record.items() if key != "intermediate_cached"}
 
 
 def test_greedy_batch_equals_one_at_a_time(vqa, radiology_images):
@@ -128,7 +135,7 @@ def test_greedy_batch_equals_one_at_a_time(vqa, radiology_images):
     ]
     singles = [vqa(request, return_prompt=True) for request in requests]
     batched = vqa(requests, batch_size=8, return_prompt=True)
-    assert batched == singles
+    assert [without_cache_flag(r) for r in batched] == [without_cache_flag(r) for r in singles]
     assert [r["expert"] for r in batched] == ["radiology", None, "radiology", "radiology", None]
 
 
