@@ -10,7 +10,8 @@ and calls it with each request's JSON body::
     {"inputs": [{"image": "...", "question": "..."}, {"question": "..."}]}          # a batch
 
 It answers with a list of records (the pipeline's record contract: ``answer``, ``expert``,
-``intermediate_text``, ``image_metadata``, ``disclaimer``, ``warnings``, and ``prompt`` on request), one
+``intermediate_text``, ``intermediate_cached``, ``image_metadata``, ``routing``, ``backend``, ``disclaimer``,
+``warnings``, and ``prompt`` on request: ``pipeline_vqa.RECORD_KEYS``), one
 per input. Bad input gives ``{"error": message, "error_type": name, "status": http_status}``: the message
 says what was wrong and never contains the payload; the handler keeps serving. (The toolkit sends any
 return value with HTTP 200, so clients check for ``error`` and read ``status``.)
