@@ -27,8 +27,8 @@ turns it on for CPUs. The target is met for this model, not promised for 7B. Pac
 (sdpa computes a block-diagonal mask densely over each 512-token row and loses its fused causal path; FlexAttention
 has no CPU backward) while ``group_by_length`` already removes most padding: with ``--extra "--packing true"``
 (one run) ours gave 1250 tokens/s, level with unpacked rows; with the tokenizer's 1000-token head (``--vocab 0``,
-attention weighs more) packed rows measured 0.81x of alpaca-lora style in float32 (previous version). So packing is the default only
-with flash attention, where varlen kernels make it free (not measured here: no GPU).
+attention weighs more) packed rows measured 0.81x of alpaca-lora style in float32 (previous version). So packing
+is the default only with flash attention, where varlen kernels make it free (not measured here: no GPU).
 
 Measured on the 2-core shared CPU (AMX), ``OMP_NUM_THREADS=1`` (2 threads spin-wait badly when other processes
 share the cores; the machine was shared with other agents, so every number is the best of alternating runs):
