@@ -2,8 +2,10 @@
 
 LoRA by default with the original Med-Alpaca-7B-LoRA settings (r=8, alpha=16, dropout 0.05 on q_proj/v_proj,
 lr 1e-4, effective batch 128, 3 epochs, max length 512); the loss covers the answer only unless
-``--train_on_inputs``. Records are validated first (bad ones are dropped and counted, the run stops when too many
-are bad). Every flag of ``SFTConfig`` and TRL's ``ModelConfig`` works, and ``--config recipe.yaml`` loads them.
+``--train_on_inputs``. Speed defaults: bf16 mixed precision (GPUs, and CPUs with AVX512-BF16/AMX); records packed
+into rows with flash attention, else one per row in length-grouped micro-batches; the LM head projects only the
+positions that carry a label. Records are validated first (bad ones are dropped and counted, the run stops when
+too many are bad). Every flag of ``SFTConfig`` and TRL's ``ModelConfig`` works, and ``--config recipe.yaml`` loads them.
 
 # LoRA, single process (the shipped sample; replace the model with your LLaMA checkpoint)
 ```bash
@@ -55,6 +57,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+from trl.trainer import utils as trl_utils
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from med_alpaca_data import (
@@ -81,6 +84,11 @@ class HubPushError(VisualMedAlpacaError):
     """The trained model could not be pushed; the local output is intact."""
 
     exit_code = 5
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), so bf16 autocast speeds training up."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,22 +137,36 @@ class MedAlpacaSFTConfig(SFTConfig):
     num_train_epochs: float = field(default=3.0, metadata={"help": "Original: 3 epochs."})
     max_length: int | None = field(default=512, metadata={"help": "Original: 512 tokens."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Micro-batch per process (memory)."})
-    packing: bool = field(
-        default=True,
+    packing: bool | None = field(
+        default=None,
         metadata={
-            "help": "Pack records into max_length rows (best-fit decreasing, no cross-record attention). "
-            "--packing false pads each micro-batch instead."
+            "help": "Pack records into max_length rows (best-fit decreasing, no cross-record attention). Default: "
+            "packed when the attention implementation has varlen kernels (flash attention), else one record per "
+            "row, padded to the longest of a length-grouped micro-batch (faster without varlen kernels)."
         },
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "Micro-batches of records of similar length, so little padding is computed. 'random' for "
+            "plain shuffling.",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default=8, metadata={"help": "Pad micro-batches to a multiple of 8 (tensor cores, fewer kernel shapes)."}
     )
     save_strategy: str = field(default="steps", metadata={"help": "Checkpoints make killed runs resumable."})
     save_steps: float = field(default=100, metadata={"help": "Optimizer steps between checkpoints."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept on disk."})
 
     def __post_init__(self):
-        # TRL turns bf16 on when unset; CPUs without an accelerator train in float32 instead.
+        # TRL turns bf16 mixed precision on when unset, as on any recent GPU. Without a GPU, bf16 autocast stays on
+        # where the CPU computes bf16 natively (AVX512-BF16 / AMX; transformers then needs use_cpu), else float32.
         has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-        if self.bf16 is None and (self.use_cpu or not (torch.cuda.is_available() or has_xpu)):
-            self.bf16 = False
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not (torch.cuda.is_available() or has_xpu)):
+            self.bf16 = cpu_has_native_bf16()
+            self.use_cpu = self.use_cpu or self.bf16
         super().__post_init__()
 
 
@@ -161,6 +183,23 @@ class MedAlpacaModelConfig(ModelConfig):
     )
 
 
+def has_varlen_attention(attn_implementation: str | None) -> bool:
+    """Whether attention runs packed records without a dense mask (flash-attention's varlen kernels)."""
+    return "flash" in (attn_implementation or "")
+
+
+def resolve_packing(training_args: MedAlpacaSFTConfig, model_args: MedAlpacaModelConfig) -> bool:
+    """Fill in ``--packing`` when not given: pack only where varlen attention kernels make packed rows cheap.
+
+    Packed 512-token rows keep records apart with a block-diagonal mask, which sdpa and eager attention compute
+    densely over the whole row (sdpa also loses its fused causal path), while length-grouped micro-batches already
+    hold little padding: measured in benchmarks/bench_train_sft.py, unpacked rows are faster there.
+    """
+    if training_args.packing is None:
+        training_args.packing = has_varlen_attention(model_args.attn_implementation)
+    return training_args.packing
+
+
 def make_parser() -> TrlParser:
     return TrlParser((ScriptArguments, MedAlpacaSFTConfig, MedAlpacaModelConfig))
 
@@ -170,7 +209,34 @@ def make_parser() -> TrlParser:
 # --------------------------------------------------------------------------------------------------
 
 
+def score_supervised_positions_only() -> bool:
+    """Make TRL's fused LM head project only the positions that carry a label, on CPU too.
+
+    SFTTrainer never builds the ``(tokens x vocab)`` logits: ``add_fused_lm_head`` runs the backbone, then projects
+    through the LM head in tiles and scores each next token. On Triton devices it projects only the positions whose
+    label is not -100; elsewhere it projects every position (prompt and padding included) because a changing number
+    of positions would recompile XLA/Neuron graphs. Eager CPU has nothing to recompile, so score only the labelled
+    positions there as well: the loss and gradients are the same, and with completion-only loss the vocabulary
+    projection skips the prompt. Returns whether the switch is in place (False if TRL no longer has it).
+    """
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None:
+        return False
+    if not getattr(decide, "scores_cpu_compactly", False):
+
+        def compact_on_cpu_too(device: torch.device) -> bool:
+            return device.type == "cpu" or decide(device)
+
+        compact_on_cpu_too.scores_cpu_compactly = True
+        trl_utils._use_triton = compact_on_cpu_too
+    return True
+
+
 class MedAlpacaSFTTrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        score_supervised_positions_only()
+        super().__init__(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is not None and not bool((labels != -100).any()):
@@ -322,6 +388,7 @@ def _print_derived_numbers(trainer: SFTTrainer, training_args, report) -> None:
     mean_row = sum(lengths) / max(1, len(lengths))
     trainer.accelerator.print(
         f"{report.kept} records -> {len(rows)} training rows ({'packed' if training_args.packing else 'one per row'}, "
+        f"{training_args.train_sampling_strategy} sampling, "
         f"mean {mean_row:.0f} tokens)\n"
         f"effective batch {effective} = {training_args.per_device_train_batch_size} per device x "
         f"{training_args.gradient_accumulation_steps} accumulation x {world} processes\n"
@@ -344,6 +411,7 @@ def main(
     # The script pushes itself (private by default, retries, model card); the Trainer must not reach the Hub.
     training_args.push_to_hub = False
     training_args.completion_only_loss = not script_args.train_on_inputs
+    resolve_packing(training_args, model_args)
     world = training_args.world_size
     if script_args.effective_batch_size > 0:
         per_step = training_args.per_device_train_batch_size * world
