@@ -141,7 +141,7 @@ def train_med_alpaca(progress: Progress, llama_base: Path, work: Path) -> Path:
         "--dataset_name", str(SFT_SAMPLE),
         "--output_dir", str(output),
         "--max_length", "256",
-        "--max_steps", "240",
+        "--max_steps", "600",
         "--per_device_train_batch_size", "8",
         "--effective_batch_size", "8",
         "--learning_rate", "1e-2",
