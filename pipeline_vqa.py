@@ -519,10 +519,9 @@ class VisualMedAlpacaPipeline(Pipeline):
             raw_texts: dict[int, str] = {}
             to_read: list[list[int]] = []  # one list per expert run: the inputs that share that image
             by_key: dict[tuple, list[int]] = {}
-            keys = {
-                i: self._cache_key(expert_name, image_hashes[i], generate_kwargs) if cache.enabled else None
-                for i in indices
-            }
+            # Everything but the pixels is the same for this expert run: build it once, not per image.
+            scope = self._cache_scope(expert_name, generate_kwargs) if cache.enabled else None
+            keys = {i: None if scope is None or image_hashes[i] is None else (image_hashes[i], *scope) for i in indices}
             for i in indices:
                 key = keys[i]
                 if key is None:
@@ -549,10 +548,9 @@ class VisualMedAlpacaPipeline(Pipeline):
                 intermediate_texts[i] = cleaned
         return intermediate_texts, cached
 
-    def _cache_key(self, expert_name: str, image_hash: str | None, generate_kwargs: dict) -> tuple | None:
-        """What an expert's text depends on: the pixels, the expert, its weights and its generation settings."""
-        if image_hash is None:
-            return None
+    def _cache_scope(self, expert_name: str, generate_kwargs: dict) -> tuple:
+        """What an expert's text depends on besides the pixels: the expert, its weights and its generation
+        settings. A cache key is ``(image digest, *scope)``."""
         spec = self.experts[expert_name].spec
         config = self.model.config
         settings = json.dumps(
@@ -564,7 +562,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             sort_keys=True,
             default=repr,
         )
-        return (image_hash, expert_name, self._expert_revision(expert_name), settings)
+        return (expert_name, self._expert_revision(expert_name), settings)
 
     def _expert_revision(self, expert_name: str) -> str:
         """The expert weights' revision: the bundle's Hub commit when it came from the Hub (or its cache), else a

@@ -448,7 +448,7 @@ def main(
         callbacks=callbacks,
     )
     attention = str(getattr(trainer.model.config, "_attn_implementation", None))
-    if trainer.padding_free and training_args.packing and "flash" not in attention:
+    if trainer.padding_free and training_args.packing and not has_varlen_attention(attention):
         trainer.data_collator = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
     _print_derived_numbers(trainer, training_args, report)
     trainer.train(resume_from_checkpoint=resume)
