@@ -52,13 +52,16 @@ from vqa_metrics import (
     score_question,
 )
 
-DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl", "medqa", "roco")
+DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl", "medqa", "roco", "pmc_vqa", "omnimedvqa", "mmmu_med")
 VQA_DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl")
+# Image (and text) multiple choice; scored by extract_choice and, for the MedEvalKit tasks, by its rules too.
+MCQ_DATASETS = ("medqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
 LLAVA_MED_SOURCE = (
     "microsoft/LLaVA-Med@ad758b687d4e79628dbfdb149dc545641ed29014: llava/eval/run_eval_batch.py, "
     "llava/eval/eval_metrics/{glossary,evaluate_metrics,utils}.py"
 )
 MCQ_INSTRUCTION = "Answer with the letter of the correct option."
+OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 METRIC_DEFINITIONS = {
     "llava_med_closed_accuracy": "closed questions: normalised ground truth is a substring of the normalised "
     "prediction (LLaVA-Med's rule; 'no' matches 'not', 'normal')",
@@ -93,7 +96,11 @@ class EvaluationArguments:
     dataset: str = field(default="vqa_rad", metadata={"help": f"One of: {', '.join(DATASETS)}."})
     output_dir: str = field(default="eval_results", metadata={"help": "Where predictions and reports go."})
     image_root: str | None = field(default=None, metadata={"help": "Image folder (default: per dataset layout)."})
-    split: str = field(default="test", metadata={"help": "PathVQA split (train, validation/val, test)."})
+    split: str = field(
+        default="test",
+        metadata={"help": "Split of the parquet layouts: PathVQA, VQA-RAD (test) and MMMU (validation: its test "
+                  "answers are not public)."},
+    )
     language: str = field(default="en", metadata={"help": "SLAKE q_lang to keep ('all' keeps every language)."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     batch_size: int = field(default=8, metadata={"help": "Questions per pipeline call (per process)."})
@@ -101,6 +108,14 @@ class EvaluationArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision to pin."})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 or auto."})
     load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit language model."})
+    judge_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional LLM judge of open answers with MedEvalKit's judge prompt (off by default): a JSON "
+            'OpenAI-compatible backend, e.g. \'{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", '
+            '"model": "judge", "api": "chat", "api_key_env": "OPENAI_API_KEY"}\'. Never the model under test.'
+        },
+    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -113,7 +128,7 @@ class EvaluationArguments:
     def run_settings(self) -> dict:
         """What must be identical for predictions to be resumed (``limit`` and ``batch_size`` may change)."""
         settings = asdict(self)
-        for key in ("output_dir", "limit", "batch_size"):
+        for key in ("output_dir", "limit", "batch_size", "judge_backend"):
             settings.pop(key)
         settings["data_path"] = str(Path(self.data_path).resolve())
         if self.image_root:
@@ -137,6 +152,8 @@ class Example:
     # A path, raw bytes, or a zero-argument callable returning bytes (lazy images of Arrow datasets).
     image: Any = None
     options: dict[str, str] | None = None
+    # Layout-specific fields (the harness's raw choices, modality, subject, image count ...): see vqa_datasets.py.
+    extra: dict = field(default_factory=dict)
 
     def image_source(self):
         return self.image() if callable(self.image) else self.image
@@ -415,8 +432,19 @@ def load_roco(data_path: str | Path, image_root: str | Path | None = None) -> li
 
 
 def load_examples(args: EvaluationArguments) -> list[Example]:
-    if args.dataset == "vqa_rad":
+    import vqa_datasets  # the Hugging Face / MCQ layouts (imported here: it imports this module)
+
+    path = Path(args.data_path)
+    if args.dataset == "vqa_rad" and (path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))):
+        examples = vqa_datasets.load_vqa_rad_parquet(path, args.split)
+    elif args.dataset == "vqa_rad":
         examples = load_vqa_rad(args.data_path, args.image_root)
+    elif args.dataset == "pmc_vqa":
+        examples = vqa_datasets.load_pmc_vqa(args.data_path, args.image_root)
+    elif args.dataset == "omnimedvqa":
+        examples = vqa_datasets.load_omnimedvqa(args.data_path, args.image_root)
+    elif args.dataset == "mmmu_med":
+        examples = vqa_datasets.load_mmmu(args.data_path, args.split)
     elif args.dataset == "slake":
         examples = load_slake(args.data_path, args.image_root, args.language)
     elif args.dataset == "pathvqa":
@@ -482,9 +510,14 @@ def run_predictions(
     state.wait_for_everyone()
     todo = [example for example in examples if example.qid not in done]
     if state.is_main_process:
-        print(
-            f"{len(done)} of {len(examples)} already predicted; {len(todo)} to go on {state.num_processes} process(es)."
-        )
+        already = len(examples) - len(todo)
+        print(f"{already} of {len(examples)} already predicted; {len(todo)} to go on {state.num_processes} process(es).")
+        if len(done) > already:
+            print(
+                f"Note: the output folder holds {len(done) - already} more prediction(s) for questions outside this "
+                f"run ({len(examples)} questions: a smaller --limit or another subset than before). They are kept but "
+                "not scored; rerun with the earlier --limit to score them."
+            )
     predicted = 0
     with state.split_between_processes(todo) as mine:
         shard = shard_dir / f"rank-{state.process_index}.jsonl"
@@ -556,21 +589,38 @@ def vqa_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[
 
 
 def mcq_prompt(example: Example) -> str:
+    """The question, its options and the instruction: this whole text fills the Alpaca template's ``{question}``
+    slot (the templates themselves are unchanged; the image's expert text stays the ``### Input:``)."""
+    if not example.options:  # an MMMU open question: MMMU's construct_prompt instruction
+        return f"{example.question.strip()}\n\n{OPEN_INSTRUCTION}"
     choices = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
     return f"{example.question.strip()}\n\n{choices}\n\n{MCQ_INSTRUCTION}"
 
 
 def mcq_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[dict]]:
     def predict(batch: list[Example]) -> list[dict]:
-        outputs = answer_requests(vqa, [{"question": mcq_prompt(example)} for example in batch], generate_kwargs)
+        requests = []
+        for example in batch:
+            request = {"question": mcq_prompt(example)}
+            if example.image is not None:
+                request["image"] = example.image_source()
+            requests.append(request)
+        outputs = answer_requests(vqa, requests, generate_kwargs)
         return [
             {
                 "qid": example.qid,
+                "image": example.image_label(),
                 "question": example.question,
                 "options": example.options,
                 "answer": example.answer,
+                "question_type": example.question_type,
                 "prediction": output["answer"],
-                "choice": extract_choice(output["answer"], example.options, example.options),
+                "choice": extract_choice(output["answer"], example.options, example.options)
+                if example.options
+                else None,
+                "expert": output.get("expert"),
+                "intermediate_text": output.get("intermediate_text"),
+                "warnings": output.get("warnings", []),
                 "error": output.get("error"),
                 "disclaimer": DISCLAIMER,
             }
