@@ -239,7 +239,11 @@ def score_vqa_question(response: str | None, answer: str, answer_type: str, flav
         closed = answer_type == "CLOSED"
         if closed:
             rule = "judge_judgement" if answer in ("yes", "no") else "judge_close_end_vqa"
-            correct = judge_judgement(answer, response) if rule == "judge_judgement" else judge_close_end_vqa(answer, response)
+            correct = (
+                judge_judgement(answer, response)
+                if rule == "judge_judgement"
+                else judge_close_end_vqa(answer, response)
+            )
             return {"group": "close", "rule": rule, "correct": bool(correct)}
     else:
         answer, response = answer.lower().strip(), response.lower().strip()
@@ -257,7 +261,8 @@ def wilson_interval(right: int, total: int, z: float = WILSON_Z) -> list[float] 
     denominator = 1 + z * z / total
     centre = (share + z * z / (2 * total)) / denominator
     half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / denominator
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # Clamped to [0, 1] and to contain the observed share (rounding can put a bound a hair past it).
+    return [max(0.0, min(share, centre - half)), min(1.0, max(share, centre + half))]
 
 
 def _ratio(right: int, total: int) -> float | None:
@@ -458,7 +463,9 @@ def aggregate_mcq(verdicts: Iterable[Mapping], groups: Sequence[str] = ()) -> di
     report = {"overall": section(verdicts)}
     for field in groups:
         labels = sorted({str(v.get(field)) for v in verdicts if v.get(field) is not None})
-        report[f"by_{field}"] = {label: section([v for v in verdicts if str(v.get(field)) == label]) for label in labels}
+        report[f"by_{field}"] = {
+            label: section([v for v in verdicts if str(v.get(field)) == label]) for label in labels
+        }
     return report
 
 

@@ -202,7 +202,8 @@ def load_mmmu(data_path: str | Path, split: str = "validation", subjects=MMMU_ME
     if not files or not all(f.is_file() for f in files):
         raise DatasetFormatError(
             f"No MMMU parquet data for split '{split}' at the given --data_path: pass the MMMU folder (holding "
-            f"<Subject>/{split}-*.parquet for the Health-and-Medicine subjects), one subject's folder, or a parquet file."
+            f"<Subject>/{split}-*.parquet for the Health-and-Medicine subjects), one subject's folder, or a parquet "
+            "file."
         )
     columns = {"id", "question", "options", "answer", "question_type", "image_1"}
     examples = []
