@@ -24,6 +24,17 @@ Other datasets (``--config recipe.yaml`` holding the same keys works too)::
     --dataset medqa   --data_path medqa_test.jsonl                  # text-only MCQ: question, options, answer letter
     --dataset roco    --data_path roco_val.csv --image_root images  # Med-GIT captions: BLEU-4, ROUGE-L, CIDEr
 
+The field's current suite, laid out as downloaded from the Hugging Face Hub (see vqa_datasets.py), scored by the
+``llava_med``, ``strict`` and ``medevalkit`` families side by side (medevalkit_metrics.py)::
+
+    --dataset vqa_rad    --data_path vqa-rad                 # flaviagiammarino/vqa-rad: data/test-*.parquet (451)
+    --dataset slake      --data_path SLAKE --language all    # BoKelvin/SLAKE: test.json + imgs/ (MedEvalKit: all langs)
+    --dataset pathvqa    --data_path path-vqa                # flaviagiammarino/path-vqa parquet
+    --dataset pmc_vqa    --data_path PMC-VQA/test_clean.csv  # or MedEvalKit's test_2.csv; figures/ beside it
+    --dataset omnimedvqa --data_path OmniMedVQA              # QA_information/Open-access/*.json + Images/
+    --dataset mmmu_med   --data_path MMMU --split validation # the five Health-and-Medicine subjects' parquet
+    --judge_backend '{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge", "api": "chat"}'
+
 Predictions are appended to ``OUTPUT_DIR/predictions/rank-K.jsonl`` as each batch finishes; a killed run
 started again with the same arguments skips every question already answered (a torn last line is
 dropped and redone). At the end the main process writes ``predictions.jsonl`` (dataset order, with
@@ -858,7 +869,7 @@ def _run_lines(run: dict | None) -> list[str]:
         f"- Generation: do_sample={generation['do_sample']}, max_new_tokens={generation['max_new_tokens']} "
         f"({generation['max_new_tokens_source']}), batch_size={generation['batch_size']}",
         f"- Data sha256: `{run['data_sha256']}` ({len(run['data_files'])} file(s))",
-        f"- Bundle revision: `{revision}`"
+        f"- Bundle revision: {f'`{revision}`' if revision else 'none (a local folder)'}"
         + (f"; local folder sha256 `{bundle['local_folder_sha256']}`" if bundle.get("local_folder_sha256") else ""),
         f"- Confidence intervals: {run['confidence_intervals']}",
         "",
@@ -932,18 +943,19 @@ def _anchor_lines(report: dict) -> list[str]:
     if not anchors:
         return []
     name, value, interval = _headline(report)
-    lines = [f"## Beside published numbers ({anchors['label']})", ""]
-    lines += ["| model | whose | split | scorer | accuracy (%) | source |", "|---|---|---|---|---|---|"]
+    lines = [f"## Beside published numbers: theirs, {anchors['label']}", ""]
+    lines += ["| model | whose | split | scorer | accuracy (%) |", "|---|---|---|---|---|"]
     lines.append(
-        f"| `{report['model']}` | **this run** | {report['n']} questions | {name} | {_percent(value)} "
-        f"{_ci(interval)} | report.json |"
+        f"| `{report['model']}` | **this run** | {report['n']} questions | {name} | {_percent(value)} {_ci(interval)} |"
     )
     for row in anchors["rows"]:
         lines.append(
-            f"| {row['model']} | theirs (published) | {row['split']} | {row['scorer']} | {row['number']:.1f} | "
-            f"{row['source']} |"
+            f"| {row['model']} | theirs (published) | {row['split']} | {row['scorer']} | {row['number']:.1f} |"
         )
-    lines += ["", f"Note on their numbers: {anchors['rows'][0].get('note', '')}", ""]
+    sources = sorted({row["source"] for row in anchors["rows"]})
+    notes = sorted({row.get("note") or "" for row in anchors["rows"]} - {""})
+    lines += ["", *[f"Source of their numbers: {source}" for source in sources], *[f"Note: {note}" for note in notes]]
+    lines.append("")
     return lines
 
 
