@@ -1204,6 +1204,10 @@ def main(args: EvaluationArguments) -> dict | None:
         output_dir = Path(args.output_dir)
         all_examples = load_all_examples(args)
         examples = all_examples[: args.limit] if args.limit else all_examples
+        if args.judge_backend:  # a malformed judge, or the model under test by name, fails before any work
+            from benchmark_report import parse_judge
+
+            parse_judge(args.judge_backend, args.model)
         _check_resume(output_dir, args.run_settings(), state)
         vqa = load_pipeline(args, state.device)
         judge = _judge_config(args, vqa)

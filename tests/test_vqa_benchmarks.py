@@ -359,8 +359,9 @@ def _records(output_dir: Path) -> list[dict]:
 def _check_common(report: dict, output_dir: Path, data_file: Path | None):
     run = report["run"]
     assert run["generation"]["max_new_tokens"] == 4 and run["generation"]["do_sample"] is False
+    assert run["data_sha256"] is not None and run["data_files"]
     if data_file is not None:
-        assert run["data_sha256"] is not None and str(data_file) in run["data_files"]
+        assert str(data_file) in run["data_files"]
     assert run["bundle"]["local_folder_sha256"]
     assert "Wilson" in run["confidence_intervals"]
     anchors = report["published_anchors"]
@@ -452,6 +453,18 @@ def test_image_multiple_choice_end_to_end(bundle_dir, tmp_path, dataset):
     if dataset == "mmmu_med":
         assert report["n_multi_image"] == 1 and set(report["medevalkit"]["by_subject"]) == {"Clinical_Medicine"}
     _check_common(report, tmp_path / "out", None)
+
+
+def test_image_multiple_choice_resumes(bundle_dir, tmp_path, capsys):
+    root = build_pmc_vqa(tmp_path / "pmc")
+    first = _run(bundle_dir, tmp_path / "out", "pmc_vqa", root, limit=2)
+    before = _records(tmp_path / "out")
+    capsys.readouterr()
+    full = _run(bundle_dir, tmp_path / "out", "pmc_vqa", root)
+    assert "2 of 3 already predicted; 1 to go" in capsys.readouterr().out
+    after = _records(tmp_path / "out")
+    assert [r["prediction"] for r in after[:2]] == [r["prediction"] for r in before]
+    assert first["n"] == 2 and full["n"] == 3 and full["run"]["limit"] is None
 
 
 def test_mcq_options_fill_the_question_slot_of_the_unchanged_template():
