@@ -96,40 +96,54 @@ def parse_judge(value, model_under_test: str, language_backend=None):
     return config
 
 
-def apply_llm_judge(scored: list[dict], config, question_key: str = "question") -> dict:
-    """Judge every open question (MedEvalKit group "open") with MedEvalKit's prompt; returns the judge section.
+def apply_llm_judge(scored: list[dict], config, dataset: str = "vqa_rad", question_key: str = "question") -> dict:
+    """MedEvalKit's optional LLM judge (``use_llm_judge``) with its prompt; returns the report's judge section.
 
-    As VQA_RAD.py ``cal_metrics`` with ``use_llm_judge``: closed questions keep the rule's verdict, open ones take
-    the judge's (``<judge>0</judge>`` = correct; a failed call counts wrong), overall = closed right + judged right.
+    ``overall_accuracy`` is the corrected number: closed questions keep the rule's verdict, open ones take the
+    judge's (``<judge>0</judge>`` = correct; a failed call counts wrong). ``overall_accuracy_as_printed`` is what
+    the dataset's ``cal_metrics`` prints with the judge on, quirks included:
+
+    * VQA_RAD.py: closed right (rule) + open right (judge): the same as the corrected number;
+    * PATH_VQA.py: resets the closed count to 0 and adds only judged open answers, so every closed question
+      counts wrong;
+    * SLAKE.py: judges *every* question and adds judged-right ones (closed included) to a total that already
+      holds the rule's closed right: closed questions can count twice (the share can pass 100%).
     """
     from language_backends import get_backend
     from medevalkit_metrics import cal_metrics_response, judge_prompt, judge_verdict, wilson_interval
 
-    open_records = [r for r in scored if r.get("medevalkit", {}).get("group") == "open"]
-    prompts = [judge_prompt(r[question_key], cal_metrics_response(r["prediction"]), r["answer"]) for r in open_records]
+    judged = [r for r in scored if dataset == "slake" or r.get("medevalkit", {}).get("group") == "open"]
     backend = get_backend(config)
     replies: list[str | None] = []
-    for prompt in prompts:
+    for record in judged:
+        prompt = judge_prompt(record[question_key], cal_metrics_response(record["prediction"]), record["answer"])
         try:
             replies.extend(backend.complete([prompt], {"max_new_tokens": 512}))
         except Exception:  # noqa: BLE001 - as the harness: a failed judge call is a wrong answer
             replies.append(None)
-    for record, reply in zip(open_records, replies, strict=True):
+    for record, reply in zip(judged, replies, strict=True):
         record["llm_judge_correct"] = judge_verdict(reply)
-    closed_right = sum(
-        bool(r["medevalkit"]["correct"]) for r in scored if r.get("medevalkit", {}).get("group") == "close"
-    )
-    open_right = sum(r["llm_judge_correct"] for r in open_records)
+    closed = [r for r in scored if r.get("medevalkit", {}).get("group") == "close"]
+    open_ = [r for r in scored if r.get("medevalkit", {}).get("group") == "open"]
+    closed_right = sum(bool(r["medevalkit"]["correct"]) for r in closed)
+    open_right = sum(r["llm_judge_correct"] for r in open_)
     n = len(scored)
+    if dataset == "pathvqa":
+        printed_right = open_right
+    elif dataset == "slake":
+        printed_right = closed_right + sum(r["llm_judge_correct"] for r in judged)
+    else:
+        printed_right = closed_right + open_right
     return {
         "judge": config.name,
         "prompt": "MedEvalKit utils.py get_compare_messages",
-        "n_open_judged": len(open_records),
+        "n_judged": len(judged),
         "n_failed_calls": sum(reply is None for reply in replies),
-        "open_accuracy": open_right / len(open_records) if open_records else None,
-        "open_accuracy_ci95": wilson_interval(open_right, len(open_records)),
+        "open_accuracy": open_right / len(open_) if open_ else None,
+        "open_accuracy_ci95": wilson_interval(open_right, len(open_)),
         "overall_accuracy": (closed_right + open_right) / n if n else None,
         "overall_accuracy_ci95": wilson_interval(closed_right + open_right, n),
+        "overall_accuracy_as_printed": printed_right / n if n else None,
     }
 
 

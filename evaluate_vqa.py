@@ -1010,7 +1010,8 @@ def markdown_report(report: dict) -> str:
             f"- open accuracy: {_percent(judge['open_accuracy'])} {_ci(judge['open_accuracy_ci95'])} over "
             f"{judge['n_open_judged']} open questions ({judge['n_failed_calls']} failed calls, counted wrong)",
             f"- overall accuracy (closed by rule, open by judge): {_percent(judge['overall_accuracy'])} "
-            f"{_ci(judge['overall_accuracy_ci95'])}",
+            f"{_ci(judge['overall_accuracy_ci95'])}; as MedEvalKit prints it for this data set: "
+            f"{_percent(judge['overall_accuracy_as_printed'])}",
             "",
         ]
     lines += _anchor_lines(report)
@@ -1226,14 +1227,14 @@ def main(args: EvaluationArguments) -> dict | None:
             state.wait_for_everyone()
             return None
         predictions = read_predictions(shard_dir)
-        scorer = {"vqa": score_vqa, "mcq": score_mcq, "captions": score_captions}[task]
-        scored, sections = (
-            scorer(examples, predictions, args.dataset) if task != "captions" else scorer(examples, predictions)
-        )
+        if task == "captions":
+            scored, sections = score_captions(examples, predictions)
+        else:
+            scored, sections = {"vqa": score_vqa, "mcq": score_mcq}[task](examples, predictions, args.dataset)
         if judge is not None and task == "vqa":
             from benchmark_report import apply_llm_judge
 
-            sections["llm_judge"] = apply_llm_judge(scored, judge)
+            sections["llm_judge"] = apply_llm_judge(scored, judge, args.dataset)
         report = {
             "dataset": args.dataset,
             "task": task,

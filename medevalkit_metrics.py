@@ -12,7 +12,9 @@ nltk's punkt data is never touched.
 ``benchmarks/check_medevalkit_agreement.py`` runs the harness's own code beside this module on the same cases
 (42,341 comparisons, 0 disagreements).
 
-Quirks reproduced (``medevalkit_*`` keys), with the corrected value beside (``corrected_*`` keys):
+Quirks reproduced, each with the corrected value beside it in the report (``open.acc_as_printed`` beside
+``open.accuracy``, ``open.precision/recall/f1`` beside ``open.token_precision/token_recall/token_f1``, MCQ
+``accuracy`` beside ``corrected_accuracy``):
 
 1. utils.py ``calculate_f1`` returns ``(f1, precision, recall)`` but ``judge_open_end_vqa`` unpacks it as
    ``precision, recall, f1``: the harness's "precision" is the F1, its "recall" the precision, its "f1" the recall.

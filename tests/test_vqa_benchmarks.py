@@ -489,7 +489,7 @@ class _FakeJudge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][-1]["content"]
         type(self).prompts.append(prompt)
-        verdict = "0" if "The standard answer: brain" in prompt else "1"
+        verdict = "0" if any(f"The standard answer: {a}\n" in prompt for a in ("brain", "yes")) else "1"
         reply = {
             "id": "x",
             "object": "chat.completion",
@@ -530,10 +530,34 @@ def test_llm_judge_scores_open_answers_with_medevalkits_prompt(bundle_dir, tmp_p
     # One open question (answer "brain"): the fake judge says correct for it.
     assert len(_FakeJudge.prompts) == 1 and "The standard answer: brain" in _FakeJudge.prompts[0]
     section = report["llm_judge"]
-    assert section["n_open_judged"] == 1 and section["open_accuracy"] == 1.0 and section["n_failed_calls"] == 0
+    assert section["n_judged"] == 1 and section["open_accuracy"] == 1.0 and section["n_failed_calls"] == 0
     closed_right = report["medevalkit"]["close"]["right"]
-    assert section["overall_accuracy"] == pytest.approx((closed_right + 1) / 3)
+    assert (
+        section["overall_accuracy"] == section["overall_accuracy_as_printed"] == pytest.approx((closed_right + 1) / 3)
+    )
     assert "## LLM judge" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_llm_judge_reproduces_each_data_sets_printed_number(fake_judge):
+    from benchmark_report import apply_llm_judge
+    from language_backends import parse_backend
+
+    config = parse_backend({"type": "openai", "base_url": fake_judge, "model": "judge-llm", "api": "chat"})
+
+    def records():  # one closed right by rule, one open the fake judge accepts ("brain"), one it rejects
+        rows = [("yes", "yes", "CLOSED"), ("brain", "a brain", "OPEN"), ("liver", "kidney", "OPEN")]
+        return [
+            {"question": "q", "prediction": p, "answer": a, "medevalkit": mek.score_vqa_question(p, a, t, "slake")}
+            for a, p, t in rows
+        ]
+
+    assert apply_llm_judge(records(), config, "vqa_rad")["overall_accuracy_as_printed"] == pytest.approx(2 / 3)
+    # PATH_VQA.py resets the closed count: only the judged open answer counts.
+    assert apply_llm_judge(records(), config, "pathvqa")["overall_accuracy_as_printed"] == pytest.approx(1 / 3)
+    # SLAKE.py judges every question and adds the judged-right closed "yes" on top of the rule's: counted twice.
+    slake = apply_llm_judge(records(), config, "slake")
+    assert slake["n_judged"] == 3 and slake["overall_accuracy_as_printed"] == pytest.approx(3 / 3)
+    assert slake["overall_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_the_judge_is_never_the_model_under_test(bundle_dir, tmp_path):
