@@ -1008,7 +1008,7 @@ def markdown_report(report: dict) -> str:
             f"## LLM judge ({judge['judge']}, MedEvalKit's prompt)",
             "",
             f"- open accuracy: {_percent(judge['open_accuracy'])} {_ci(judge['open_accuracy_ci95'])} over "
-            f"{judge['n_open_judged']} open questions ({judge['n_failed_calls']} failed calls, counted wrong)",
+            f"{judge['n_judged']} judged questions ({judge['n_failed_calls']} failed calls, counted wrong)",
             f"- overall accuracy (closed by rule, open by judge): {_percent(judge['overall_accuracy'])} "
             f"{_ci(judge['overall_accuracy_ci95'])}; as MedEvalKit prints it for this data set: "
             f"{_percent(judge['overall_accuracy_as_printed'])}",
