@@ -1044,7 +1044,7 @@ def bar_chart(report: dict, path: Path) -> None:
         }
     else:
         ours = {
-            name: (value, metrics.get(f"{name}_ci95"))
+            ("accuracy\n(strict letter)" if name == "accuracy" else name): (value, metrics.get(f"{name}_ci95"))
             for name, value in metrics.items()
             if name not in ("n", "unparsed_rate") and not isinstance(value, list)
         }

@@ -318,6 +318,11 @@ def test_omnimedvqa_layout(tmp_path):
     assert examples[0].extra["modality"].startswith("MR")
     with pytest.raises(DatasetFormatError, match="Open-access"):
         load_omnimedvqa(tmp_path / "Images")
+    broken = tmp_path / "broken"
+    (broken / "QA_information" / "Open-access").mkdir(parents=True)
+    (broken / "QA_information" / "Open-access" / "X.json").write_text('[{"question": "q", "image_path": "i.jpg"}]')
+    with pytest.raises(DatasetFormatError, match="lacks gt_answer"):
+        load_omnimedvqa(broken)
 
 
 def test_mmmu_layout_and_image_policy(tmp_path):
@@ -332,6 +337,15 @@ def test_mmmu_layout_and_image_policy(tmp_path):
         load_mmmu(hidden, "test")
     with pytest.raises(DatasetFormatError, match="No MMMU parquet"):
         load_mmmu(tmp_path, "dev")
+    table = pq.read_table(tmp_path / "Clinical_Medicine" / "validation-00000-of-00001.parquet")
+    bad = tmp_path / "bad" / "Clinical_Medicine"
+    bad.mkdir(parents=True)
+    options = pa.array(["not a list", "['a']", "[]"])
+    pq.write_table(
+        table.set_column(table.column_names.index("options"), "options", options), bad / "validation-0.parquet"
+    )
+    with pytest.raises(DatasetFormatError, match="not a list literal"):
+        load_mmmu(tmp_path / "bad", "validation")
 
 
 # --------------------------------------------------------------------------------------------------
