@@ -24,6 +24,17 @@ Other datasets (``--config recipe.yaml`` holding the same keys works too)::
     --dataset medqa   --data_path medqa_test.jsonl                  # text-only MCQ: question, options, answer letter
     --dataset roco    --data_path roco_val.csv --image_root images  # Med-GIT captions: BLEU-4, ROUGE-L, CIDEr
 
+The field's current suite, laid out as downloaded from the Hugging Face Hub (see vqa_datasets.py), scored by the
+``llava_med``, ``strict`` and ``medevalkit`` families side by side (medevalkit_metrics.py)::
+
+    --dataset vqa_rad    --data_path vqa-rad                 # flaviagiammarino/vqa-rad: data/test-*.parquet (451)
+    --dataset slake      --data_path SLAKE --language all    # BoKelvin/SLAKE: test.json + imgs/ (MedEvalKit: all langs)
+    --dataset pathvqa    --data_path path-vqa                # flaviagiammarino/path-vqa parquet
+    --dataset pmc_vqa    --data_path PMC-VQA/test_clean.csv  # or MedEvalKit's test_2.csv; figures/ beside it
+    --dataset omnimedvqa --data_path OmniMedVQA              # QA_information/Open-access/*.json + Images/
+    --dataset mmmu_med   --data_path MMMU --split validation # the five Health-and-Medicine subjects' parquet
+    --judge_backend '{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge", "api": "chat"}'
+
 Predictions are appended to ``OUTPUT_DIR/predictions/rank-K.jsonl`` as each batch finishes; a killed run
 started again with the same arguments skips every question already answered (a torn last line is
 dropped and redone). At the end the main process writes ``predictions.jsonl`` (dataset order, with
@@ -52,13 +63,16 @@ from vqa_metrics import (
     score_question,
 )
 
-DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl", "medqa", "roco")
+DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl", "medqa", "roco", "pmc_vqa", "omnimedvqa", "mmmu_med")
 VQA_DATASETS = ("vqa_rad", "slake", "pathvqa", "jsonl")
+# Image (and text) multiple choice; scored by extract_choice and, for the MedEvalKit tasks, by its rules too.
+MCQ_DATASETS = ("medqa", "pmc_vqa", "omnimedvqa", "mmmu_med")
 LLAVA_MED_SOURCE = (
     "microsoft/LLaVA-Med@ad758b687d4e79628dbfdb149dc545641ed29014: llava/eval/run_eval_batch.py, "
     "llava/eval/eval_metrics/{glossary,evaluate_metrics,utils}.py"
 )
 MCQ_INSTRUCTION = "Answer with the letter of the correct option."
+OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 METRIC_DEFINITIONS = {
     "llava_med_closed_accuracy": "closed questions: normalised ground truth is a substring of the normalised "
     "prediction (LLaVA-Med's rule; 'no' matches 'not', 'normal')",
@@ -70,6 +84,19 @@ METRIC_DEFINITIONS = {
     "llava_med_open_substring_hit": "open questions: the substring rule (run_eval_batch.py's 'open accuracy')",
     "exact_match": "normalised prediction equals the normalised ground truth",
     "token_f1": "SQuAD-style bag-of-tokens F1 on LLaVA-Med-normalised text",
+}
+
+
+MEDEVALKIT_DEFINITIONS = {
+    "overall_accuracy": "MedEvalKit's 'total metrics' acc, the number papers print: closed questions by its yes/no "
+    "substring rule (closed = yes/no answer text; SLAKE: answer_type), open questions by exact match",
+    "open.acc_as_printed": "MedEvalKit's open 'acc' as it prints it: right / n_open / n_open (divided twice)",
+    "open.precision/recall/f1": "MedEvalKit's labels, swapped by its unpacking: precision = token-set F1, recall = "
+    "precision, f1 = recall; the correctly labelled values are token_precision/token_recall/token_f1",
+    "n_harness_would_abort": "open answers (empty after its parsing, or too long) on which MedEvalKit's ROUGE raises "
+    "and its run aborts; scored here as wrong",
+    "mcq accuracy": "MedEvalKit's judge_multi_choice (PMC-VQA, OmniMedVQA) or MMMU's parse (random pick when "
+    "unparsed, seeded by question id here); corrected_accuracy counts unparsed answers as wrong",
 }
 
 
@@ -93,7 +120,13 @@ class EvaluationArguments:
     dataset: str = field(default="vqa_rad", metadata={"help": f"One of: {', '.join(DATASETS)}."})
     output_dir: str = field(default="eval_results", metadata={"help": "Where predictions and reports go."})
     image_root: str | None = field(default=None, metadata={"help": "Image folder (default: per dataset layout)."})
-    split: str = field(default="test", metadata={"help": "PathVQA split (train, validation/val, test)."})
+    split: str = field(
+        default="test",
+        metadata={
+            "help": "Split of the parquet layouts: PathVQA, VQA-RAD (test) and MMMU (validation: its test "
+            "answers are not public)."
+        },
+    )
     language: str = field(default="en", metadata={"help": "SLAKE q_lang to keep ('all' keeps every language)."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     batch_size: int = field(default=8, metadata={"help": "Questions per pipeline call (per process)."})
@@ -101,6 +134,14 @@ class EvaluationArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision to pin."})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 or auto."})
     load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit language model."})
+    judge_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional LLM judge of open answers with MedEvalKit's judge prompt (off by default): a JSON "
+            'OpenAI-compatible backend, e.g. \'{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", '
+            '"model": "judge", "api": "chat", "api_key_env": "OPENAI_API_KEY"}\'. Never the model under test.'
+        },
+    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -113,7 +154,7 @@ class EvaluationArguments:
     def run_settings(self) -> dict:
         """What must be identical for predictions to be resumed (``limit`` and ``batch_size`` may change)."""
         settings = asdict(self)
-        for key in ("output_dir", "limit", "batch_size"):
+        for key in ("output_dir", "limit", "batch_size", "judge_backend"):
             settings.pop(key)
         settings["data_path"] = str(Path(self.data_path).resolve())
         if self.image_root:
@@ -137,6 +178,8 @@ class Example:
     # A path, raw bytes, or a zero-argument callable returning bytes (lazy images of Arrow datasets).
     image: Any = None
     options: dict[str, str] | None = None
+    # Layout-specific fields (the harness's raw choices, modality, subject, image count ...): see vqa_datasets.py.
+    extra: dict = field(default_factory=dict)
 
     def image_source(self):
         return self.image() if callable(self.image) else self.image
@@ -415,8 +458,25 @@ def load_roco(data_path: str | Path, image_root: str | Path | None = None) -> li
 
 
 def load_examples(args: EvaluationArguments) -> list[Example]:
-    if args.dataset == "vqa_rad":
+    """The questions this run evaluates: the dataset (language/split subset applied), then ``--limit``."""
+    examples = load_all_examples(args)
+    return examples[: args.limit] if args.limit else examples
+
+
+def load_all_examples(args: EvaluationArguments) -> list[Example]:
+    import vqa_datasets  # the Hugging Face / MCQ layouts (imported here: it imports this module)
+
+    path = Path(args.data_path)
+    if args.dataset == "vqa_rad" and (path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))):
+        examples = vqa_datasets.load_vqa_rad_parquet(path, args.split)
+    elif args.dataset == "vqa_rad":
         examples = load_vqa_rad(args.data_path, args.image_root)
+    elif args.dataset == "pmc_vqa":
+        examples = vqa_datasets.load_pmc_vqa(args.data_path, args.image_root)
+    elif args.dataset == "omnimedvqa":
+        examples = vqa_datasets.load_omnimedvqa(args.data_path, args.image_root)
+    elif args.dataset == "mmmu_med":
+        examples = vqa_datasets.load_mmmu(args.data_path, args.split)
     elif args.dataset == "slake":
         examples = load_slake(args.data_path, args.image_root, args.language)
     elif args.dataset == "pathvqa":
@@ -434,7 +494,7 @@ def load_examples(args: EvaluationArguments) -> list[Example]:
         seen.add(example.qid)
     if not examples:
         raise DatasetFormatError("The dataset holds no questions (check --language / --split).")
-    return examples[: args.limit] if args.limit else examples
+    return examples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,9 +542,16 @@ def run_predictions(
     state.wait_for_everyone()
     todo = [example for example in examples if example.qid not in done]
     if state.is_main_process:
+        already = len(examples) - len(todo)
         print(
-            f"{len(done)} of {len(examples)} already predicted; {len(todo)} to go on {state.num_processes} process(es)."
+            f"{already} of {len(examples)} already predicted; {len(todo)} to go on {state.num_processes} process(es)."
         )
+        if len(done) > already:
+            print(
+                f"Note: the output folder holds {len(done) - already} more prediction(s) for questions outside this "
+                f"run ({len(examples)} questions: a smaller --limit or another subset than before). They are kept but "
+                "not scored; rerun with the earlier --limit to score them."
+            )
     predicted = 0
     with state.split_between_processes(todo) as mine:
         shard = shard_dir / f"rank-{state.process_index}.jsonl"
@@ -556,21 +623,38 @@ def vqa_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[
 
 
 def mcq_prompt(example: Example) -> str:
+    """The question, its options and the instruction: this whole text fills the Alpaca template's ``{question}``
+    slot (the templates themselves are unchanged; the image's expert text stays the ``### Input:``)."""
+    if not example.options:  # an MMMU open question: MMMU's construct_prompt instruction
+        return f"{example.question.strip()}\n\n{OPEN_INSTRUCTION}"
     choices = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
     return f"{example.question.strip()}\n\n{choices}\n\n{MCQ_INSTRUCTION}"
 
 
 def mcq_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], list[dict]]:
     def predict(batch: list[Example]) -> list[dict]:
-        outputs = answer_requests(vqa, [{"question": mcq_prompt(example)} for example in batch], generate_kwargs)
+        requests = []
+        for example in batch:
+            request = {"question": mcq_prompt(example)}
+            if example.image is not None:
+                request["image"] = example.image_source()
+            requests.append(request)
+        outputs = answer_requests(vqa, requests, generate_kwargs)
         return [
             {
                 "qid": example.qid,
+                "image": example.image_label(),
                 "question": example.question,
                 "options": example.options,
                 "answer": example.answer,
+                "question_type": example.question_type,
                 "prediction": output["answer"],
-                "choice": extract_choice(output["answer"], example.options, example.options),
+                "choice": extract_choice(output["answer"], example.options, example.options)
+                if example.options
+                else None,
+                "expert": output.get("expert"),
+                "intermediate_text": output.get("intermediate_text"),
+                "warnings": output.get("warnings", []),
                 "error": output.get("error"),
                 "disclaimer": DISCLAIMER,
             }
@@ -619,8 +703,24 @@ def caption_predictor(vqa, generate_kwargs: dict) -> Callable[[list[Example]], l
 # --------------------------------------------------------------------------------------------------
 
 
-def score_vqa(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
-    """Per-question records with scores (dataset order) and the report's metric sections."""
+def _binary_ci(records: list[dict], metric: str) -> list[float] | None:
+    from medevalkit_metrics import wilson_interval
+
+    hits = [r["scores"][metric] for r in records if metric in r["scores"]]
+    return wilson_interval(int(sum(hits)), len(hits))
+
+
+def score_vqa(
+    examples: list[Example], predictions: dict[str, dict], dataset: str = "vqa_rad"
+) -> tuple[list[dict], dict]:
+    """Per-question records with every scorer's verdict (dataset order) and the report's metric sections.
+
+    Scorer families side by side: ``llava_med`` and ``strict`` (vqa_metrics.py) and ``medevalkit``
+    (medevalkit_metrics.py; SLAKE.py's rules for ``slake``, VQA_RAD.py's for the others).
+    """
+    from medevalkit_metrics import aggregate_vqa, score_vqa_question
+
+    flavour = "slake" if dataset == "slake" else "vqa_rad"
     scored = []
     for example in examples:
         # The dataset, not the prediction file, is the authority on the truth.
@@ -632,9 +732,21 @@ def score_vqa(examples: list[Example], predictions: dict[str, dict]) -> tuple[li
             organ=example.organ,
         )
         record["scores"] = score_question(record["prediction"], example.answer, example.answer_type)
+        record["medevalkit"] = score_vqa_question(record["prediction"], example.answer, example.answer_type, flavour)
+        record["scores"]["medevalkit_correct"] = float(record["medevalkit"]["correct"])
         scored.append(record)
+    closed = [r for r in scored if r["answer_type"] == "CLOSED"]
+    open_ = [r for r in scored if r["answer_type"] != "CLOSED"]
     metrics = {
         "metrics": aggregate(scored),
+        # Wilson score intervals (95%) for every metric that is a share of right answers.
+        "accuracy_ci95": {
+            "closed.llava_med_closed_accuracy": _binary_ci(closed, "llava_med_closed_accuracy"),
+            "closed.strict_closed_accuracy": _binary_ci(closed, "strict_closed_accuracy"),
+            "open.llava_med_open_substring_hit": _binary_ci(open_, "llava_med_open_substring_hit"),
+            "overall.exact_match": _binary_ci(scored, "exact_match"),
+        },
+        "medevalkit": aggregate_vqa(r["medevalkit"] for r in scored),
         "by_question_type": breakdown(scored, "question_type"),
         "by_organ": breakdown(scored, "organ"),
         "n_errors": sum(1 for r in scored if r.get("error")),
@@ -642,21 +754,85 @@ def score_vqa(examples: list[Example], predictions: dict[str, dict]) -> tuple[li
     return scored, metrics
 
 
-def score_mcq(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
-    scored = []
+def _medevalkit_mcq_verdict(record: dict, example: Example, dataset: str) -> dict:
+    """MedEvalKit's verdict for one multiple-choice record (None for sets it does not score this way)."""
+    import medevalkit_metrics as mek
+
+    prediction = record["prediction"]
+    if dataset in ("pmc_vqa", "omnimedvqa"):
+        # OmniMedVQA.py cal_metrics unwraps <answer> first; PMC_VQA.py passes the response as it is.
+        response = mek.extract_tag(prediction, "answer") if dataset == "omnimedvqa" else prediction
+        correct = mek.judge_multi_choice(example.extra["harness_choices"], example.extra["harness_answer"], response)
+        return {"rule": "utils.py judge_multi_choice", "correct": correct, "parsed": record["choice"] is not None}
+    if dataset == "mmmu_med":
+        if example.options:
+            letters = list(example.options)
+            letter, parsed = mek.mmmu_parse_multi_choice_response(prediction, letters, example.options, example.qid)
+            return {
+                "rule": "MMMU eval_utils.py parse_multi_choice_response + eval_multi_choice",
+                "correct": letter == example.answer,
+                "corrected": parsed and letter == example.answer,
+                "choice": letter,
+                "parsed": parsed,
+            }
+        response = mek.cal_metrics_response(prediction)
+        return {
+            "rule": "MMMU eval_utils.py eval_open over the raw response (its characters)",
+            "correct": mek.mmmu_eval_open(example.answer, response),
+            "corrected": mek.mmmu_eval_open(
+                mek.mmmu_gold(example.answer), mek.mmmu_corrected_open_predictions(response)
+            ),
+            "parsed": True,
+        }
+    return {}
+
+
+def score_mcq(examples: list[Example], predictions: dict[str, dict], dataset: str = "medqa") -> tuple[list[dict], dict]:
+    """Multiple choice: our strict letter extraction (``corrected``) beside MedEvalKit's rules (``medevalkit``)."""
+    from medevalkit_metrics import aggregate_mcq, wilson_interval
+
+    scored, verdicts = [], []
     for example in examples:
         record = dict(predictions[example.qid])
-        record["correct"] = record["choice"] == example.answer
+        record["answer"] = example.answer
+        record["correct"] = record.get("choice") is not None and record["choice"] == example.answer
+        medevalkit = _medevalkit_mcq_verdict(record, example, dataset)
+        if not example.options:  # an MMMU open question: no letter to extract; MMMU's eval_open (corrected) decides
+            record["correct"] = bool(medevalkit.get("corrected"))
+        if medevalkit:
+            record["medevalkit"] = medevalkit
+            record["corrected_correct"] = medevalkit.get("corrected", record["correct"])
+            verdicts.append(
+                {
+                    "medevalkit_correct": medevalkit["correct"],
+                    "corrected_correct": record["corrected_correct"],
+                    "parsed": medevalkit["parsed"],
+                    "question_type": example.question_type,
+                    "modality": example.extra.get("modality"),
+                    "subject": example.extra.get("subject"),
+                }
+            )
+        for key in ("modality", "subject", "n_images"):
+            if key in example.extra:
+                record[key] = example.extra[key]
         scored.append(record)
     n = len(scored)
-    return scored, {
+    right = sum(r["correct"] for r in scored)
+    sections: dict = {
         "metrics": {
             "n": n,
-            "accuracy": sum(r["correct"] for r in scored) / n,
-            "unparsed_rate": sum(r["choice"] is None for r in scored) / n,
+            "accuracy": right / n,
+            "accuracy_ci95": wilson_interval(right, n),
+            "unparsed_rate": sum(r.get("choice") is None for r in scored) / n,
         },
         "n_errors": sum(1 for r in scored if r.get("error")),
     }
+    if verdicts:
+        groups = {"omnimedvqa": ("question_type", "modality"), "mmmu_med": ("subject", "question_type")}
+        sections["medevalkit"] = aggregate_mcq(verdicts, groups.get(dataset, ()))
+    if dataset == "mmmu_med":
+        sections["n_multi_image"] = sum(1 for e in examples if e.extra.get("n_images", 0) > 1)
+    return scored, sections
 
 
 def score_captions(examples: list[Example], predictions: dict[str, dict]) -> tuple[list[dict], dict]:
@@ -675,9 +851,118 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _ci(interval) -> str:
+    return "–" if not interval else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _run_lines(run: dict | None) -> list[str]:
+    if not run:
+        return []
+    generation = run["generation"]
+    bundle = run["bundle"]
+    revision = bundle.get("resolved_revision") or bundle.get("requested_revision")
+    lines = [
+        "## What ran",
+        "",
+        f"- Questions: {run['n_questions_run']} of {run['n_questions_in_subset']} in the subset "
+        f"{json.dumps(run['subset']) if run['subset'] else '(whole set)'}; --limit: {run['limit']}",
+        f"- Generation: do_sample={generation['do_sample']}, max_new_tokens={generation['max_new_tokens']} "
+        f"({generation['max_new_tokens_source']}), batch_size={generation['batch_size']}",
+        f"- Data sha256: `{run['data_sha256']}` ({len(run['data_files'])} file(s))",
+        f"- Bundle revision: {f'`{revision}`' if revision else 'none (a local folder)'}"
+        + (f"; local folder sha256 `{bundle['local_folder_sha256']}`" if bundle.get("local_folder_sha256") else ""),
+        f"- Confidence intervals: {run['confidence_intervals']}",
+        "",
+    ]
+    return lines
+
+
+def _medevalkit_lines(report: dict) -> list[str]:
+    section = report.get("medevalkit")
+    if not section:
+        return []
+    lines = ["## MedEvalKit scorer (its numbers, quirks included; corrected values beside)", ""]
+    if report["task"] == "vqa":
+        close, open_ = section["close"], section["open"]
+        lines += ["| metric | MedEvalKit (%) | corrected (%) | 95% CI |", "|---|---|---|---|"]
+        lines.append(
+            f"| overall accuracy (n={section['n']}) | {_percent(section['overall_accuracy'])} | "
+            f"{_percent(section['overall_accuracy'])} | {_ci(section['overall_accuracy_ci95'])} |"
+        )
+        lines.append(
+            f"| closed accuracy (n={close['n']}) | {_percent(close['accuracy'])} | {_percent(close['accuracy'])} | "
+            f"{_ci(close['accuracy_ci95'])} |"
+        )
+        lines.append(
+            f"| open accuracy (n={open_['n']}) | {_percent(open_['acc_as_printed'])} | {_percent(open_['accuracy'])} "
+            f"| {_ci(open_['accuracy_ci95'])} |"
+        )
+        for printed, corrected in (("precision", "token_precision"), ("recall", "token_recall"), ("f1", "token_f1")):
+            lines.append(f"| open {printed} | {_percent(open_[printed])} | {_percent(open_[corrected])} | – |")
+        for name in ("em", "bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougel"):
+            lines.append(f"| open {name} | {_percent(open_[name])} | {_percent(open_[name])} | – |")
+        lines += [
+            "",
+            f"MedEvalKit would abort on {section['n_harness_would_abort']} open answer(s) (scored wrong here).",
+        ]
+        if section["harness_divides_by_zero"]:
+            lines.append("This set has no open or no closed question: MedEvalKit would divide by zero here.")
+    else:
+        lines += ["| group | n | MedEvalKit accuracy (%) | 95% CI | corrected (%) | 95% CI | unparsed |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        groups = [("overall", section["overall"])]
+        for key, values in section.items():
+            if key.startswith("by_"):
+                groups += [(f"{key[3:]}: {label}", value) for label, value in values.items()]
+        for label, value in groups:
+            lines.append(
+                f"| {label} | {value['n']} | {_percent(value['accuracy'])} | {_ci(value['accuracy_ci95'])} | "
+                f"{_percent(value['corrected_accuracy'])} | {_ci(value['corrected_accuracy_ci95'])} | "
+                f"{value['n_unparsed']} |"
+            )
+    if "n_multi_image" in report:
+        lines.append(
+            f"\n{report['n_multi_image']} question(s) had several images; the model saw image_1 only (as MedEvalKit)."
+        )
+    lines += ["", f"Reproduced from {report['medevalkit_source']}.", ""]
+    return lines
+
+
+def _headline(report: dict) -> tuple[str, float | None, list | None]:
+    """This run's number on the anchors' scorer (MedEvalKit's accuracy) for the comparison table and plot."""
+    section = report.get("medevalkit")
+    if not section:
+        return "accuracy", report["metrics"].get("accuracy"), report["metrics"].get("accuracy_ci95")
+    if report["task"] == "vqa":
+        return "MedEvalKit overall accuracy", section["overall_accuracy"], section["overall_accuracy_ci95"]
+    return "MedEvalKit accuracy", section["overall"]["accuracy"], section["overall"]["accuracy_ci95"]
+
+
+def _anchor_lines(report: dict) -> list[str]:
+    anchors = report.get("published_anchors")
+    if not anchors:
+        return []
+    name, value, interval = _headline(report)
+    lines = [f"## Beside published numbers: theirs, {anchors['label']}", ""]
+    lines += ["| model | whose | split | scorer | accuracy (%) |", "|---|---|---|---|---|"]
+    lines.append(
+        f"| `{report['model']}` | **this run** | {report['n']} questions | {name} | {_percent(value)} {_ci(interval)} |"
+    )
+    for row in anchors["rows"]:
+        lines.append(
+            f"| {row['model']} | theirs (published) | {row['split']} | {row['scorer']} | {row['number']:.1f} |"
+        )
+    sources = sorted({row["source"] for row in anchors["rows"]})
+    notes = sorted({row.get("note") or "" for row in anchors["rows"]} - {""})
+    lines += ["", *[f"Source of their numbers: {source}" for source in sources], *[f"Note: {note}" for note in notes]]
+    lines.append("")
+    return lines
+
+
 def markdown_report(report: dict) -> str:
     lines = [f"# Evaluation: {report['dataset']}", "", f"- Model: `{report['model']}`", f"- Questions: {report['n']}"]
     lines += [f"- Failed predictions (scored as wrong): {report['n_errors']}", "", f"> {DISCLAIMER}", ""]
+    lines += _run_lines(report.get("run"))
     metrics = report["metrics"]
     if report["task"] == "vqa":
         lines += ["| questions | metric | score (%) |", "|---|---|---|"]
@@ -702,41 +987,103 @@ def markdown_report(report: dict) -> str:
                     f"{_percent(open_['token_recall'])} | {_percent(overall['exact_match'])} | "
                     f"{_percent(overall['token_f1'])} |"
                 )
+        ci = report.get("accuracy_ci95", {})
+        if ci:
+            lines += ["", "Wilson 95% intervals: " + "; ".join(f"{name} {_ci(value)}" for name, value in ci.items())]
         lines += ["", "## Metric definitions", ""]
         lines += [f"- `{name}`: {text}" for name, text in METRIC_DEFINITIONS.items()]
-        lines += ["", f"LLaVA-Med's rules reproduced from {LLAVA_MED_SOURCE}."]
+        lines += ["", f"LLaVA-Med's rules reproduced from {LLAVA_MED_SOURCE}.", ""]
     else:
         lines += ["| metric | score |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items() if name != "n"]
-    return "\n".join(lines) + "\n"
+        for name, value in metrics.items():
+            if name == "n" or isinstance(value, list):
+                continue
+            interval = metrics.get(f"{name}_ci95")
+            lines.append(f"| {name} | {value:.4f}" + (f" (95% CI {_ci(interval)}) |" if interval else " |"))
+        lines.append("")
+    lines += _medevalkit_lines(report)
+    judge = report.get("llm_judge")
+    if judge:
+        lines += [
+            f"## LLM judge ({judge['judge']}, MedEvalKit's prompt)",
+            "",
+            f"- open accuracy: {_percent(judge['open_accuracy'])} {_ci(judge['open_accuracy_ci95'])} over "
+            f"{judge['n_judged']} judged questions ({judge['n_failed_calls']} failed calls, counted wrong)",
+            f"- overall accuracy (closed by rule, open by judge): {_percent(judge['overall_accuracy'])} "
+            f"{_ci(judge['overall_accuracy_ci95'])}; as MedEvalKit prints it for this data set: "
+            f"{_percent(judge['overall_accuracy_as_printed'])}",
+            "",
+        ]
+    lines += _anchor_lines(report)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def bar_chart(report: dict, path: Path) -> None:
+    """This run's scores (Wilson 95% error bars where the score is an accuracy) and, in another colour and
+    hatched, the published numbers on the same benchmark; a legend says which is whose."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = report["metrics"]
+    metrics, ci = report["metrics"], report.get("accuracy_ci95", {})
     if report["task"] == "vqa":
-        bars = {
-            "closed acc\n(LLaVA-Med)": metrics["closed"]["llava_med_closed_accuracy"],
-            "closed acc\n(strict)": metrics["closed"]["strict_closed_accuracy"],
-            "open recall\n(LLaVA-Med)": metrics["open"]["llava_med_open_recall"],
-            "open recall\n(clipped)": metrics["open"]["token_recall"],
-            "exact\nmatch": metrics["overall"]["exact_match"],
-            "token\nF1": metrics["overall"]["token_f1"],
+        ours = {
+            "closed acc\n(LLaVA-Med)": (
+                metrics["closed"]["llava_med_closed_accuracy"],
+                ci.get("closed.llava_med_closed_accuracy"),
+            ),
+            "closed acc\n(strict)": (
+                metrics["closed"]["strict_closed_accuracy"],
+                ci.get("closed.strict_closed_accuracy"),
+            ),
+            "open recall\n(LLaVA-Med)": (metrics["open"]["llava_med_open_recall"], None),
+            "open recall\n(clipped)": (metrics["open"]["token_recall"], None),
+            "exact\nmatch": (metrics["overall"]["exact_match"], ci.get("overall.exact_match")),
+            "token\nF1": (metrics["overall"]["token_f1"], None),
         }
     else:
-        bars = {name: value for name, value in metrics.items() if name not in ("n", "unparsed_rate")}
-    labels = list(bars)
-    values = [0.0 if value is None else 100 * value for value in bars.values()]
-    figure, axis = plt.subplots(figsize=(max(4, 1.3 * len(labels)), 3.6))
-    axis.bar(labels, values, color=["#4c72b0", "#dd8452"] * len(labels))
-    for x, value, raw in zip(range(len(labels)), values, bars.values(), strict=True):
-        axis.text(x, value + 1, "n/a" if raw is None else f"{value:.1f}", ha="center", fontsize=8)
-    axis.set_ylim(0, 110)
+        ours = {
+            ("accuracy\n(strict letter)" if name == "accuracy" else name): (value, metrics.get(f"{name}_ci95"))
+            for name, value in metrics.items()
+            if name not in ("n", "unparsed_rate") and not isinstance(value, list)
+        }
+    if report.get("medevalkit"):
+        name, value, interval = _headline(report)
+        ours[name.replace(" accuracy", "\naccuracy")] = (value, interval)
+    anchors = (report.get("published_anchors") or {}).get("rows", [])
+    labels = list(ours) + [f"{row['model']}\n(published)" for row in anchors]
+    values = [0.0 if v is None else 100 * v for v, _ in ours.values()] + [row["number"] for row in anchors]
+    errors = [[0.0] * len(labels), [0.0] * len(labels)]
+    for index, (value, interval) in enumerate(ours.values()):
+        if value is not None and interval:
+            errors[0][index], errors[1][index] = (
+                max(0.0, 100 * (value - interval[0])),
+                max(0.0, 100 * (interval[1] - value)),
+            )
+    figure, axis = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4.2))
+    positions = list(range(len(labels)))
+    n_ours = len(ours)
+    axis.bar(positions[:n_ours], values[:n_ours], color="#4c72b0", label="this run (95% Wilson CI where an accuracy)")
+    axis.errorbar(
+        positions[:n_ours], values[:n_ours], yerr=[e[:n_ours] for e in errors], fmt="none", ecolor="black", capsize=3
+    )
+    if anchors:
+        axis.bar(
+            positions[n_ours:],
+            values[n_ours:],
+            color="#c8c8c8",
+            hatch="//",
+            edgecolor="#555555",
+            label="published by others (MedEvalKit scorer, their split)",
+        )
+    raw_values = [v for v, _ in ours.values()] + [row["number"] for row in anchors]
+    for x, value, raw in zip(positions, values, raw_values, strict=True):
+        axis.text(x, value + 1, "n/a" if raw is None else f"{value:.1f}", ha="center", fontsize=7)
+    axis.set_xticks(positions, labels, fontsize=7, rotation=30 if len(labels) > 8 else 0)
+    axis.set_ylim(0, 115)
     axis.set_ylabel("score (%)")
+    axis.legend(loc="upper right", fontsize=7)
     axis.set_title(f"{report['dataset']} — {report['n']} questions (research use only)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -807,21 +1154,70 @@ def process_state():
     return state
 
 
+def _judge_config(args: EvaluationArguments, vqa):
+    """The LLM judge's backend, or None; refused when it is the model under test (or the bundle's own server)."""
+    if not args.judge_backend:
+        return None
+    from benchmark_report import parse_judge
+    from language_backends import parse_backend
+
+    return parse_judge(args.judge_backend, args.model, parse_backend(vqa.model.config.language_backend))
+
+
+def _run_description(args: EvaluationArguments, vqa, task: str, n_available: int, n_run: int) -> dict:
+    """Exactly what ran: subset, limit, generation settings, data digest, bundle revision, interval method."""
+    from benchmark_report import bundle_revision, effective_generation
+    from vqa_datasets import data_files, files_digest
+
+    files = data_files(args.dataset, args.data_path, args.split)
+    subset = {"split": args.split} if args.dataset in ("pathvqa", "vqa_rad", "mmmu_med") else {}
+    if args.dataset == "slake":
+        subset = {"language": args.language}
+    return {
+        "limit": args.limit,
+        "n_questions_in_subset": n_available,
+        "n_questions_run": n_run,
+        "subset": subset,
+        "generation": {**effective_generation(vqa, args.max_new_tokens, task), "batch_size": args.batch_size},
+        "data_files": [str(f) for f in files],
+        "data_sha256": files_digest(files),
+        "bundle": bundle_revision(vqa, args.model, args.revision),
+        "dtype": args.dtype,
+        "load_in_8bit": args.load_in_8bit,
+        "confidence_intervals": "Wilson score interval, 95%, for every accuracy (a share of right answers); "
+        "none for recall/F1/BLEU/ROUGE means",
+    }
+
+
+def _add_anchors(report: dict) -> None:
+    from benchmark_report import ANCHOR_LABEL, published_anchors
+
+    rows = published_anchors(report["dataset"])
+    if rows:
+        report["published_anchors"] = {"label": ANCHOR_LABEL, "rows": rows}
+
+
 def main(args: EvaluationArguments) -> dict | None:
     """Run (or resume) the evaluation; the main process returns the report, the others None."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     state = process_state()
     try:
         output_dir = Path(args.output_dir)
-        examples = load_examples(args)
+        all_examples = load_all_examples(args)
+        examples = all_examples[: args.limit] if args.limit else all_examples
+        if args.judge_backend:  # a malformed judge, or the model under test by name, fails before any work
+            from benchmark_report import parse_judge
+
+            parse_judge(args.judge_backend, args.model)
         _check_resume(output_dir, args.run_settings(), state)
         vqa = load_pipeline(args, state.device)
+        judge = _judge_config(args, vqa)
         generate_kwargs: dict = {"do_sample": False}
         if args.max_new_tokens is not None:
             generate_kwargs["max_new_tokens"] = args.max_new_tokens
         if args.dataset == "roco":
             task, predictor = "captions", caption_predictor(vqa, dict(generate_kwargs))
-        elif args.dataset == "medqa":
+        elif args.dataset in MCQ_DATASETS:
             task, predictor = "mcq", mcq_predictor(vqa, generate_kwargs)
         else:
             task, predictor = "vqa", vqa_predictor(vqa, generate_kwargs)
@@ -831,8 +1227,14 @@ def main(args: EvaluationArguments) -> dict | None:
             state.wait_for_everyone()
             return None
         predictions = read_predictions(shard_dir)
-        scorer = {"vqa": score_vqa, "mcq": score_mcq, "captions": score_captions}[task]
-        scored, sections = scorer(examples, predictions)
+        if task == "captions":
+            scored, sections = score_captions(examples, predictions)
+        else:
+            scored, sections = {"vqa": score_vqa, "mcq": score_mcq}[task](examples, predictions, args.dataset)
+        if judge is not None and task == "vqa":
+            from benchmark_report import apply_llm_judge
+
+            sections["llm_judge"] = apply_llm_judge(scored, judge, args.dataset)
         report = {
             "dataset": args.dataset,
             "task": task,
@@ -840,6 +1242,7 @@ def main(args: EvaluationArguments) -> dict | None:
             "revision": args.revision,
             "data_path": args.data_path,
             "n": len(examples),
+            "run": _run_description(args, vqa, task, len(all_examples), len(examples)),
             "predicted_in_this_run_by_main_process": predicted,
             "num_processes": state.num_processes,
             **sections,
@@ -848,6 +1251,12 @@ def main(args: EvaluationArguments) -> dict | None:
         if task == "vqa":
             report["metric_definitions"] = METRIC_DEFINITIONS
             report["llava_med_source"] = LLAVA_MED_SOURCE
+        if "medevalkit" in sections:
+            from medevalkit_metrics import MEDEVALKIT_SOURCE
+
+            report["medevalkit_source"] = MEDEVALKIT_SOURCE
+            report["medevalkit_definitions"] = MEDEVALKIT_DEFINITIONS
+        _add_anchors(report)
         write_outputs(output_dir, report, scored)
         print(markdown_report(report))
         state.wait_for_everyone()
