@@ -115,15 +115,15 @@ def create_app(handler) -> Starlette:
 
 
 @contextlib.contextmanager
-def serve(app: Starlette):
+def serve(app: Starlette, lifespan: str = "off"):
     """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("The test endpoint server did not start.")

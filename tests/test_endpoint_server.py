@@ -135,3 +135,95 @@ def test_a_batch_with_a_bad_item_is_a_200_with_the_item_marked(http):
     assert answered["disclaimer"] == DISCLAIMER
     assert (marked["error_type"], marked["status"], marked["input_index"]) == ("InvalidImageError", 422, 1)
     assert SECRET not in json.dumps(response.json())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# endpoint_server.py: the same contract for a custom container with the pinned stack, with real status codes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def custom_http(bundle_dir):
+    """endpoint_server's app as a container starts it: the handler built from HF_MODEL_DIR at start-up."""
+    from endpoint_server import create_app as create_custom_app
+
+    with (
+        serve(create_custom_app(model_dir=bundle_dir), lifespan="on") as url,
+        httpx.Client(base_url=url, timeout=120) as c,
+    ):
+        yield c
+
+
+def test_custom_server_answers_as_the_toolkit_does(custom_http, http, radiology_images):
+    assert custom_http.get("/health").text == "Ok"
+    body = {"inputs": [{"image": _b64(radiology_images[1]), "question": "Which organ?"}, "What is a stroke?"]}
+    custom, toolkit = (
+        client.post("/predict", json=body, params={"max_new_tokens": 5}) for client in (custom_http, http)
+    )
+    assert custom.status_code == toolkit.status_code == 200
+    assert [without_cache_flag(r) for r in custom.json()] == [without_cache_flag(r) for r in toolkit.json()]
+
+
+def test_custom_server_takes_raw_dicom_bodies(custom_http):
+    raw = custom_http.post(
+        "/predict",
+        content=CT_SMALL.read_bytes(),
+        headers={"Content-Type": "application/dicom"},
+        params={"question": "Which organ?"},
+    )
+    encoded = custom_http.post("/predict", json={"inputs": {"image": _b64(CT_SMALL), "question": "Which organ?"}})
+    assert raw.status_code == encoded.status_code == 200
+    assert without_cache_flag(raw.json()[0]) == without_cache_flag(encoded.json()[0])
+    assert raw.json()[0]["routing"]["mode"] == "dicom"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "params", "status", "error_type"),
+    [
+        (
+            json.dumps({"inputs": {"question": "Q", "image": f"not base64 {SECRET}"}}),
+            "application/json",
+            {},
+            422,
+            "InvalidImageError",
+        ),
+        (
+            json.dumps({"inputs": {"question": "Q", "image": base64.b64encode(SECRET.encode() * 20).decode()}}),
+            "application/json",
+            {},
+            415,
+            "UnsupportedImageFormatError",
+        ),
+        (json.dumps({"question": SECRET}), "application/json", {}, 400, "InputError"),
+        (f"{{not json {SECRET}", "application/json", {}, 400, "InputError"),
+        (SECRET.encode() * 20, "image/png", {"question": "Q"}, 415, "UnsupportedImageFormatError"),
+        (SECRET.encode() * 20, "text/plain", {}, 415, "UnsupportedMediaTypeError"),
+        (
+            json.dumps({"inputs": {"question": "Q"}}),
+            "application/json",
+            {"temperature": SECRET},
+            400,
+            "UnknownParameterError",
+        ),
+        (json.dumps({"inputs": [{"question": "Q"}] * 17}), "application/json", {}, 413, "PayloadTooLargeError"),
+    ],
+)
+def test_custom_server_errors_carry_their_status_and_type_and_never_the_payload(
+    custom_http, content, content_type, params, status, error_type
+):
+    response = custom_http.post("/predict", content=content, headers={"Content-Type": content_type}, params=params)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error", "error_type"} and response.json()["error_type"] == error_type
+    assert SECRET not in response.text
+
+
+def test_custom_server_with_the_inference_client(custom_http, monkeypatch, radiology_images):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a local server, not the Hub
+    client = InferenceClient(model=str(custom_http.base_url).rstrip("/"))
+    [answer] = client.visual_question_answering(image=radiology_images[0], question="What is seen?")
+    assert answer.disclaimer == DISCLAIMER and 0 < answer.score <= 1
+    with pytest.raises(Exception) as info:
+        client.visual_question_answering(image=SECRET.encode() * 20, question="What is seen?")
+    assert info.value.response.status_code == 415 and SECRET not in info.value.response.text
