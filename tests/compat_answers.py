@@ -6,8 +6,9 @@ it imports nothing from this checkout, only the installed packages and the bundl
 
     .venv-tf451/bin/python tests/compat_answers.py BUNDLE_DIR REQUESTS_JSON
 
-``REQUESTS_JSON`` is a list of ``{"question": str, "image_b64": str | null}``. Prints one JSON object:
-the environment's versions, the pipeline's records and the handler's answers, in request order.
+``REQUESTS_JSON`` is a list of ``{"question": str, "image_b64": str | null, "expert": str (optional)}``.
+Prints one JSON object: the environment's versions, the pipeline's records and the handler's answers, in
+request order.
 """
 
 import base64
@@ -24,7 +25,10 @@ def answer_all(bundle_dir: str, requests: list[dict]) -> dict:
 
     vqa = pipeline(model=bundle_dir, trust_remote_code=True)
     pipeline_records = [
-        vqa({"question": r["question"], "image": base64.b64decode(r["image_b64"]) if r["image_b64"] else None})
+        vqa(
+            {"question": r["question"], "image": base64.b64decode(r["image_b64"]) if r["image_b64"] else None},
+            expert=r.get("expert"),
+        )
         for r in requests
     ]
     # The toolkit's discovery: handler.py imported by file location from the repository folder, built once.
@@ -33,12 +37,24 @@ def answer_all(bundle_dir: str, requests: list[dict]) -> dict:
     spec.loader.exec_module(module)
     handler = module.EndpointHandler(bundle_dir)
     contract = [
-        handler({"inputs": {"question": r["question"], **({"image": r["image_b64"]} if r["image_b64"] else {})}})
+        handler(
+            {
+                "inputs": {"question": r["question"], **({"image": r["image_b64"]} if r["image_b64"] else {})},
+                "parameters": {"expert": r["expert"]} if r.get("expert") else {},
+            }
+        )
         for r in requests
     ]
     # What huggingface_hub.InferenceClient.visual_question_answering sends (image requests only).
     client_shape = [
-        handler({"inputs": r["image_b64"], "image": r["image_b64"], "question": r["question"], "parameters": {}})
+        handler(
+            {
+                "inputs": r["image_b64"],
+                "image": r["image_b64"],
+                "question": r["question"],
+                "parameters": {"expert": r["expert"]} if r.get("expert") else {},
+            }
+        )
         for r in requests
         if r["image_b64"]
     ]

@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPAT_PYTHON = REPO_ROOT / ".venv-tf451" / "bin" / "python"
 SCRIPT = Path(__file__).with_name("compat_answers.py")
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+CHARTS_DIR = REPO_ROOT / "data" / "charts"
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +33,35 @@ def compat_python():
     return COMPAT_PYTHON
 
 
+def _b64(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
 @pytest.fixture(scope="module")
-def compat_requests(radiology_images, tmp_path_factory):
-    requests = [
-        {"question": "What abnormality is seen?", "image_b64": base64.b64encode(radiology_images[0].read_bytes())},
-        {"question": "Which organ is shown?", "image_b64": base64.b64encode(CT_SMALL.read_bytes())},
+def compat_requests(radiology_images):
+    return [
+        {"question": "What abnormality is seen?", "image_b64": _b64(radiology_images[0])},
+        {"question": "Which organ is shown?", "image_b64": _b64(CT_SMALL)},
         {"question": "What is a stroke?", "image_b64": None},
     ]
-    requests = [{**r, "image_b64": r["image_b64"].decode() if r["image_b64"] else None} for r in requests]
-    path = tmp_path_factory.mktemp("compat") / "requests.json"
-    path.write_text(json.dumps(requests))
-    return requests, path
 
 
-@pytest.fixture(scope="module")
-def both_stacks(compat_python, compat_requests, bundle_dir, tmp_path_factory):
-    requests, requests_file = compat_requests
+def _answers_on_both_stacks(compat_python, bundle_dir, requests, workdir: Path) -> tuple[dict, dict]:
+    requests_file = workdir / "requests.json"
+    requests_file.write_text(json.dumps(requests))
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         # Its own copy of the bundle's remote code, away from the pinned stack's module cache.
-        "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("tf451-modules")),
+        "HF_MODULES_CACHE": str(workdir / "modules"),
     }
     run = subprocess.run(
         [str(compat_python), str(SCRIPT), str(bundle_dir), str(requests_file)],
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path_factory.mktemp("tf451-cwd"),  # nothing of this checkout importable
+        cwd=workdir,  # nothing of this checkout importable
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -69,8 +70,12 @@ def both_stacks(compat_python, compat_requests, bundle_dir, tmp_path_factory):
     sys.path.insert(0, str(SCRIPT.parent))
     from compat_answers import answer_all
 
-    pinned = answer_all(str(bundle_dir), requests)
-    return oldest, pinned
+    return oldest, answer_all(str(bundle_dir), requests)
+
+
+@pytest.fixture(scope="module")
+def both_stacks(compat_python, compat_requests, bundle_dir, tmp_path_factory):
+    return _answers_on_both_stacks(compat_python, bundle_dir, compat_requests, tmp_path_factory.mktemp("tf451"))
 
 
 def test_the_second_environment_really_is_transformers_4_51(both_stacks):
@@ -99,3 +104,15 @@ def test_handler_answers_equal_on_both_stacks(both_stacks):
         assert {k: v for k, v in old[0].items() if k not in strip} == {
             k: v for k, v in new[0].items() if k not in strip
         }
+
+
+def test_the_chart_reader_answers_equal_on_both_stacks(compat_python, chart_bundle_dir, tmp_path_factory):
+    """DePlot (Pix2Struct) and its processor, saved by the pinned stack, read a chart alike on transformers 4.51."""
+    chart = sorted(CHARTS_DIR.glob("*.png"))[0]
+    requests = [{"question": "What is the highest value?", "image_b64": _b64(chart), "expert": "chart"}]
+    oldest, pinned = _answers_on_both_stacks(
+        compat_python, chart_bundle_dir, requests, tmp_path_factory.mktemp("tf451-chart")
+    )
+    assert pinned["pipeline"][0]["expert"] == "chart" and pinned["pipeline"][0]["intermediate_text"]
+    assert without_cache_flag(oldest["pipeline"][0]) == without_cache_flag(pinned["pipeline"][0])
+    assert without_cache_flag(oldest["handler"][0][0]) == without_cache_flag(pinned["handler"][0][0])
