@@ -196,8 +196,12 @@ class EndpointHandler:
             return None
         device = model.get_input_embeddings().weight.device
         input_ids = torch.cat([prompt_ids, answer_ids], dim=1).to(device)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        except (RuntimeError, IndexError) as error:  # e.g. prompt + answer beyond the positions: keep the answer
+            logger.warning("No answer score (%s in the scoring pass).", type(error).__name__)
+            return None
         # Position t predicts token t+1: the answer's tokens are predicted by the positions just before them.
         predicted = logits[0, prompt_ids.shape[1] - 1 : -1].float().log_softmax(dim=-1)
         token_log_probs = predicted.gather(1, answer_ids[0].to(device).unsqueeze(1)).squeeze(1)

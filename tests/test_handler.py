@@ -280,3 +280,14 @@ def test_handler_imports_only_installed_packages():
     }
     checkout_modules = {path.stem for path in REPO_ROOT.glob("*.py")}
     assert imported and not imported & checkout_modules
+
+
+def test_a_failed_scoring_pass_keeps_the_answer_with_no_score(handler, monkeypatch, radiology_images):
+    def scoring_fails(*args, **kwargs):
+        raise RuntimeError("index out of range in self")
+
+    image = _b64(radiology_images[0])
+    expected = handler({"inputs": {"image": image, "question": "What is seen?"}})[0]
+    monkeypatch.setattr(handler.pipeline.model, "forward", scoring_fails)  # generation is not forward()
+    [answer] = handler({"inputs": image, "image": image, "question": "What is seen?"})
+    assert answer["score"] is None and answer["answer"] == expected["answer"]

@@ -432,7 +432,11 @@ def test_published_handler_serves_from_the_repository_folder_alone(published, ra
         image = base64.b64encode(open({str(radiology_images[0])!r}, "rb").read()).decode()
         parameters = {{"max_new_tokens": 4}}
         good = handler({{"inputs": {{"image": image, "question": "What is seen?"}}, "parameters": parameters}})
-        bad = handler({{"inputs": {{"image": "%%%", "question": "What is seen?"}}}})
+        try:
+            handler({{"inputs": {{"image": "%%%", "question": "What is seen?"}}}})
+            bad = None
+        except module.EndpointRequestError as error:  # the toolkit answers it with HTTP 400 {{"error": str(error)}}
+            bad = {{"status": error.http_status, "error_type": error.error_type, "error": str(error)}}
         again = handler({{"inputs": "What is a stroke?"}})
         print(json.dumps({{"good": good, "bad": bad, "again": again}}))
         """
@@ -446,4 +450,5 @@ def test_published_handler_serves_from_the_repository_folder_alone(published, ra
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(payload["good"][0]) == RECORD_KEYS and payload["good"][0]["expert"] == "radiology"
     assert (payload["bad"]["status"], payload["bad"]["error_type"]) == (422, "InvalidImageError")
+    assert payload["bad"]["error"].startswith("InvalidImageError: ")
     assert payload["again"][0]["expert"] is None
