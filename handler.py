@@ -138,33 +138,34 @@ class EndpointHandler:
     # ------------------------------------------------------------------ answering
 
     def _answer(self, shape: str, items: list, parameters: dict) -> list[dict]:
-        good = [index for index, item in enumerate(items) if not isinstance(item, Exception)]
-        if not good:  # nothing to answer: the request as a whole is refused (a 4xx)
-            first = items[0]
-            if len(items) == 1:
+        want_prompt = parameters.get("return_prompt", False)
+        if shape == SHAPE_VQA:
+            parameters.pop("top_k", None)  # the task's number of answers, not the sampling parameter
+            parameters["return_prompt"] = True  # the score is computed from the prompt
+        outcomes = list(items)  # a record, or the error that refused the item
+        good = [index for index, item in enumerate(items) if not isinstance(item, EndpointRequestError)]
+        if good:
+            for index, outcome in zip(good, self._run([items[i] for i in good], parameters), strict=True):
+                outcomes[index] = outcome
+        refused = [outcome for outcome in outcomes if isinstance(outcome, EndpointRequestError)]
+        if len(refused) == len(outcomes):  # nothing answered: the request as a whole is refused
+            first = refused[0]
+            if len(outcomes) == 1:
                 raise first
             raise EndpointRequestError(
                 first.error_type, f"Every input was refused; input 0: {first.message}", first.http_status
             )
         if shape == SHAPE_VQA:
-            parameters.pop("top_k", None)  # the task's number of answers, not the sampling parameter
-        want_prompt = parameters.get("return_prompt", False)
-        if shape == SHAPE_VQA:
-            parameters["return_prompt"] = True  # the score is computed from the prompt
-        answered = self._run([items[i] for i in good], parameters)
-        results = [item.as_record(index) if isinstance(item, Exception) else None for index, item in enumerate(items)]
-        for index, outcome in zip(good, answered, strict=True):
-            results[index] = outcome.as_record(index) if isinstance(outcome, Exception) else outcome
-        if len(items) == 1 and isinstance(answered[0], Exception):
-            raise answered[0]
-        if shape == SHAPE_VQA:
-            record = results[0]
+            record = outcomes[0]
             score = self._answer_score(record)
             if not want_prompt:
                 record.pop("prompt", None)
-            # One greedy answer, whatever top_k asked for (top_k only bounds the list's length).
+            # Greedy decoding gives one answer, whatever top_k asked for (top_k bounds the list's length).
             return [{"answer": record["answer"], "score": score, **record}]
-        return results
+        return [
+            outcome.as_record(index) if isinstance(outcome, EndpointRequestError) else outcome
+            for index, outcome in enumerate(outcomes)
+        ]
 
     def _run(self, requests: list[dict], parameters: dict) -> list:
         """Records for the requests as one batch; if the batch fails, one at a time, so a bad item is only marked."""

@@ -291,3 +291,13 @@ def test_a_failed_scoring_pass_keeps_the_answer_with_no_score(handler, monkeypat
     monkeypatch.setattr(handler.pipeline.model, "forward", scoring_fails)  # generation is not forward()
     [answer] = handler({"inputs": image, "image": image, "question": "What is seen?"})
     assert answer["score"] is None and answer["answer"] == expected["answer"]
+
+
+def test_a_batch_that_fails_in_every_item_is_refused_not_a_200(handler, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"CUDA error while processing {SECRET}")
+
+    monkeypatch.setattr(handler, "pipeline", broken)
+    error = _refused(handler, {"inputs": ["What is a stroke?", "What is a fever?"]})
+    assert (error.http_status, error.error_type) == (500, "InternalError") and "Every input" in error.message
+    assert SECRET not in str(error)
