@@ -116,3 +116,24 @@ def test_the_chart_reader_answers_equal_on_both_stacks(compat_python, chart_bund
     assert pinned["pipeline"][0]["expert"] == "chart" and pinned["pipeline"][0]["intermediate_text"]
     assert without_cache_flag(oldest["pipeline"][0]) == without_cache_flag(pinned["pipeline"][0])
     assert without_cache_flag(oldest["handler"][0][0]) == without_cache_flag(pinned["handler"][0][0])
+
+
+@pytest.mark.parametrize("environment", [".venv-tf451", ".venv"])
+def test_installing_the_bundle_requirements_keeps_the_environments_stack(
+    environment, compat_python, bundle_dir, tmp_path
+):
+    """The toolkit's entrypoint `pip install`s the repository's requirements.txt into its container: the ranges
+    must keep the transformers, torch and accelerate already there (pip's dry-run report lists what it would
+    install: only what is missing, bitsandbytes in the 4.51 environment)."""
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [str(REPO_ROOT / environment / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--quiet"]
+        + ["--report", str(report), "-r", str(bundle_dir / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    would_install = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert not would_install & {"torch", "transformers", "accelerate", "huggingface-hub", "tokenizers", "numpy"}
+    assert would_install <= {"bitsandbytes"}
