@@ -197,6 +197,8 @@ def test_a_batch_of_only_bad_items_is_refused(handler):
         ({"inputs": {"question": "Q"}, f"<b>{SECRET}</b>": 1}, 400, "UnknownParameterError", "unknown top-level"),
         ({"inputs": {"question": "Q", "image": f"not base64 {SECRET}!"}}, 422, "InvalidImageError", "base64"),
         ({"inputs": {"question": "Q", "image": 12345}}, 422, "InvalidImageError", "base64"),
+        ({"inputs": {"question": "Q", "image": ""}}, 422, "InvalidImageError", "zero bytes"),
+        ({"inputs": {"question": "Q", "expert": SECRET}}, 400, "UnknownParameterError", "expert must be"),
         (
             {"inputs": {"question": "Q", "image": base64.b64encode(SECRET.encode() * 20).decode()}},
             415,
