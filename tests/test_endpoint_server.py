@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from endpoint_toolkit import create_app, serve
 from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from test_pipeline import without_cache_flag
 
@@ -67,7 +68,7 @@ def test_inference_client_visual_question_answering(client, endpoint_handler, ra
 
 
 def test_inference_client_sees_bad_input_as_an_http_400_with_the_error_type(client):
-    with pytest.raises(Exception) as info:
+    with pytest.raises(HfHubHTTPError) as info:
         client.visual_question_answering(image=SECRET.encode() * 20, question="What is seen?")
     response = info.value.response
     assert response.status_code == 400
@@ -224,6 +225,6 @@ def test_custom_server_with_the_inference_client(custom_http, monkeypatch, radio
     client = InferenceClient(model=str(custom_http.base_url).rstrip("/"))
     [answer] = client.visual_question_answering(image=radiology_images[0], question="What is seen?")
     assert answer.disclaimer == DISCLAIMER and 0 < answer.score <= 1
-    with pytest.raises(Exception) as info:
+    with pytest.raises(HfHubHTTPError) as info:
         client.visual_question_answering(image=SECRET.encode() * 20, question="What is seen?")
     assert info.value.response.status_code == 415 and SECRET not in info.value.response.text
