@@ -2,20 +2,22 @@
 
 huggingface-inference-toolkit is not on the package index these machines reach, so its source cannot be installed.
 This module re-implements, without its code, the behaviour the toolkit's source shows (github.com/huggingface/
-huggingface-inference-toolkit, commit 833b5a2, ``src/huggingface_inference_toolkit/``):
+huggingface-inference-toolkit, commit 833b5a2, files under ``src/huggingface_inference_toolkit/``):
 
-- discovery (``utils.py`` ``check_and_register_custom_pipeline_from_directory``): ``handler.py`` in the model
-  folder is imported by file location as module ``handler.EndpointHandler`` (``const.py`` ``HF_MODULE_NAME``), with
-  the folder put first on ``sys.path``, and ``EndpointHandler(model_dir)`` is built once;
-- routes (``webservice_starlette.py``, end of file): ``GET /`` and ``/health`` answer ``Ok``, ``POST /`` and
+- discovery (``utils.py`` L152-191 ``check_and_register_custom_pipeline_from_directory``; ``const.py``
+  ``HF_DEFAULT_PIPELINE_NAME``/``HF_MODULE_NAME``): ``handler.py`` in the model folder is imported by file location
+  as module ``handler.EndpointHandler``, with the folder put first on ``sys.path``, and ``EndpointHandler(model_dir)``
+  is built once;
+- routes (``webservice_starlette.py`` L162-171): ``GET /`` and ``/health`` answer ``Ok`` (L69-70), ``POST /`` and
   ``/predict`` predict, ``GET /metrics``;
-- ``predict`` (``webservice_starlette.py`` ``predict``): the body is deserialised by its ``Content-Type``
-  (``serialization/base.py`` ``content_type_mapping``: JSON -> the parsed object; ``image/*`` -> ``{"inputs":
-  PIL.Image}`` converted to RGB, ``serialization/image_utils.py``; ``audio/*`` -> ``{"inputs": bytes}``; anything
-  else is refused), a body without ``inputs`` is refused, the query string becomes ``parameters`` when the body
-  has none (``utils.py`` ``convert_params_to_int_or_bool``: digit strings -> int, ``true``/``false`` -> bool,
-  the rest stays text), the handler runs in a worker thread one request at a time (``async_utils.py``), the result
-  is sent as JSON, and any exception becomes HTTP 400 ``{"error": str(exception)}``.
+- ``predict`` (``webservice_starlette.py`` L85-139): the body is deserialised by its ``Content-Type``
+  (``serialization/base.py`` L5-51: JSON -> the parsed object; ``image/*`` -> ``{"inputs": PIL.Image}`` converted to
+  RGB, ``serialization/image_utils.py`` L8-10; ``audio/*`` -> ``{"inputs": bytes}``, ``audio_utils.py``; any other
+  type is refused), a body without ``inputs`` is refused (L94-97), the query string becomes ``parameters`` when the
+  body has none (L110-113; ``utils.py`` L266-275 ``convert_params_to_int_or_bool``: digit strings -> int,
+  ``true``/``false`` -> bool, the rest stays text), the handler runs in a worker thread one request at a time
+  (``async_utils.py`` L9-20), the result is sent as JSON (L124-132, ``serialization/json_utils.py``), and any
+  exception becomes HTTP 400 ``{"error": str(exception)}`` (L133-139).
 """
 
 from __future__ import annotations
