@@ -12,7 +12,12 @@ export TOKENIZERS_PARALLELISM := false
 PLAYWRIGHT_CORE := build/browser/node_modules/playwright-core/package.json
 PLAYWRIGHT_CORE_VERSION := 1.65.1
 
-.PHONY: install demo test lint format clean browser-deps
+# A second environment with the oldest stack the bundle's remote code supports (transformers 4.51, the Inference
+# Endpoints container's): tests/test_transformers_compat.py answers with a published tiny bundle in it.
+COMPAT_VENV ?= .venv-tf451
+COMPAT_STAMP := $(COMPAT_VENV)/.installed-stamp
+
+.PHONY: install demo test lint format clean browser-deps compat-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +27,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(COMPAT_STAMP): requirements-transformers4.txt
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet -r requirements-transformers4.txt
+	touch $(COMPAT_STAMP)
+
+compat-venv: $(COMPAT_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python demo.py
@@ -36,7 +48,7 @@ $(PLAYWRIGHT_CORE):
 
 browser-deps: /usr/bin/chromium $(PLAYWRIGHT_CORE)
 
-test: $(STAMP) browser-deps
+test: $(STAMP) $(COMPAT_STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -1,7 +1,11 @@
 """Inference Endpoints handler for a Visual Med-Alpaca bundle (copied into the Hub repository).
 
-The Endpoints toolkit imports this file from the repository folder, builds ``EndpointHandler(path)`` once
-and calls it with each request's JSON body::
+Hugging Face's serving toolkit (huggingface-inference-toolkit) finds this file in the repository folder, builds
+``EndpointHandler(path)`` once and calls it with each request's deserialised body (``utils.py``
+``check_and_register_custom_pipeline_from_directory``; ``webservice_starlette.py`` ``predict``). Three request
+shapes are served:
+
+1. The project's JSON contract (``Content-Type: application/json``)::
 
     {"inputs": {"image": "<base64 or data: URI>", "question": "What abnormality is seen?"},
      "parameters": {"max_new_tokens": 64, "return_prompt": true}}
@@ -9,12 +13,28 @@ and calls it with each request's JSON body::
     {"inputs": "What is a stroke?"}                                                 # text only
     {"inputs": [{"image": "...", "question": "..."}, {"question": "..."}]}          # a batch
 
-It answers with a list of records (the pipeline's record contract: ``answer``, ``expert``,
-``intermediate_text``, ``intermediate_cached``, ``image_metadata``, ``routing``, ``backend``, ``disclaimer``,
-``warnings``, and ``prompt`` on request: ``pipeline_vqa.RECORD_KEYS``), one
-per input. Bad input gives ``{"error": message, "error_type": name, "status": http_status}``: the message
-says what was wrong and never contains the payload; the handler keeps serving. (The toolkit sends any
-return value with HTTP 200, so clients check for ``error`` and read ``status``.)
+   answered with a list of records, one per input: the pipeline's record contract (``answer``, ``expert``,
+   ``intermediate_text``, ``intermediate_cached``, ``image_metadata``, ``routing``, ``backend``, ``disclaimer``,
+   ``warnings``, and ``prompt`` on request: ``pipeline_vqa.RECORD_KEYS``). ``"image"`` may also be a list of
+   base64 DICOM files or one base64 zip of them (a series).
+
+2. The ``visual-question-answering`` task payload that ``huggingface_hub.InferenceClient.visual_question_answering``
+   sends: ``{"inputs": "<base64 image>", "image": "<base64 image>", "question": "...", "parameters": {"top_k": 1}}``
+   (older clients: ``{"inputs": {"image": ..., "question": ...}}``, which is shape 1). Answered as that task's
+   output, a list of ``{"answer", "score"}``, with the record's other fields alongside. ``score`` is the
+   language model's probability of the answer given the prompt (geometric mean over its tokens); greedy decoding
+   gives one answer, so ``top_k`` above 1 still returns one.
+
+3. A raw image body (``Content-Type: image/png`` etc.) with the question in the query string
+   (``?question=...&max_new_tokens=32``): the toolkit turns the body into ``{"inputs": PIL.Image}`` and the query
+   string into ``parameters`` (``serialization/image_utils.py``; ``utils.py`` ``convert_params_to_int_or_bool``).
+   Raw bytes in ``inputs`` (a DICOM file, from servers that pass other bodies through) are read the same way.
+
+Bad input raises ``EndpointRequestError``; the toolkit answers any exception with HTTP 400 and
+``{"error": str(exception)}``, which here reads ``"<ErrorType>: <what was wrong>"`` and never contains the payload
+(key names included). The exception carries ``error_type`` and ``http_status`` (the bundle's own code: 413, 415,
+422 ...) for servers that map them. In a batch, bad items are marked in place (``{"error", "error_type",
+"status", "input_index"}``) and the others answered; a batch of only bad items raises.
 
 Only installed packages are imported: the error types are those of the bundle's own remote code.
 """
@@ -24,18 +44,21 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import os
-import re
 import sys
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import pipeline
 
 logger = logging.getLogger(__name__)
 
 MAX_INPUTS = int(os.environ.get("VMA_MAX_INPUTS", "16"))
 MAX_IMAGE_BYTES = int(os.environ.get("VMA_MAX_IMAGE_BYTES", str(10 * 1024 * 1024)))
+MAX_SERIES_FILES = int(os.environ.get("VMA_MAX_SERIES_FILES", "512"))
+MAX_SERIES_BYTES = int(os.environ.get("VMA_MAX_SERIES_BYTES", str(200 * 1024 * 1024)))
 MAX_QUESTION_CHARS = int(os.environ.get("VMA_MAX_QUESTION_CHARS", "4000"))
 MAX_NEW_TOKENS = int(os.environ.get("VMA_MAX_NEW_TOKENS", "512"))
 MAX_BEAMS = 4
@@ -51,17 +74,15 @@ PARAMETERS = {
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
     "repetition_penalty": (lambda v: _is_number(v) and 0 < v <= 10, "a number above 0 and at most 10"),
 }
-
-
+# The toolkit moves query-string values into parameters as text unless they are digits or true/false: accept
+# decimal text for the number parameters (``?temperature=0.7``).
+NUMBER_PARAMETERS = ("temperature", "top_p", "repetition_penalty")
+# In the visual-question-answering payload top_k is the number of answers wanted (the task's own parameter).
+VQA_TOP_K = (lambda v: _is_int(v) and v >= 1, "an integer of at least 1")
 INPUT_KEYS = ("question", "image", "expert")
-_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
-
-
-def _names(keys) -> str:
-    """Unknown key names for an error message: short identifiers only, so a key cannot smuggle data into it."""
-    shown = sorted(key for key in keys if isinstance(key, str) and _PLAIN_NAME.fullmatch(key))
-    hidden = len(keys) - len(shown)
-    return ", ".join(shown + ([f"{hidden} more not shown"] if hidden else []))
+TOP_LEVEL_KEYS = ("inputs", "parameters")
+VQA_TOP_LEVEL_KEYS = ("inputs", "parameters", "image", "question")
+SHAPE_CONTRACT, SHAPE_VQA, SHAPE_RAW = "contract", "visual-question-answering", "raw-image"
 
 
 def _is_int(value: Any) -> bool:
@@ -69,7 +90,23 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class EndpointRequestError(Exception):
+    """A request the endpoint refuses; ``str()`` is what the toolkit sends back: ``"<ErrorType>: <message>"``."""
+
+    def __init__(self, error_type: str, message: str, http_status: int):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.http_status = http_status
+
+    def as_record(self, input_index: int | None = None) -> dict:
+        record = {"error": self.message, "error_type": self.error_type, "status": self.http_status}
+        if input_index is not None:
+            record["input_index"] = input_index
+        return record
 
 
 class EndpointHandler:
@@ -89,31 +126,125 @@ class EndpointHandler:
         self.ImageTooLargeError = errors.ImageTooLargeError
         self.PayloadTooLargeError = errors.PayloadTooLargeError
 
-    def __call__(self, data: Any) -> list[dict] | dict:
+    def __call__(self, data: Any) -> list[dict]:
         try:
-            requests, parameters = self._parse(data)
-            records = self.pipeline(requests, batch_size=len(requests), **parameters)
+            shape, items, parameters = self._parse(data)
+            return self._answer(shape, items, parameters)
+        except EndpointRequestError:
+            raise
         except Exception as error:
-            return self._error_response(error)
-        return records if isinstance(records, list) else [records]
+            raise self._endpoint_error(error) from None
+
+    # ------------------------------------------------------------------ answering
+
+    def _answer(self, shape: str, items: list, parameters: dict) -> list[dict]:
+        want_prompt = parameters.get("return_prompt", False)
+        if shape == SHAPE_VQA:
+            parameters.pop("top_k", None)  # the task's number of answers, not the sampling parameter
+            parameters["return_prompt"] = True  # the score is computed from the prompt
+        outcomes = list(items)  # a record, or the error that refused the item
+        good = [index for index, item in enumerate(items) if not isinstance(item, EndpointRequestError)]
+        if good:
+            for index, outcome in zip(good, self._run([items[i] for i in good], parameters), strict=True):
+                outcomes[index] = outcome
+        refused = [outcome for outcome in outcomes if isinstance(outcome, EndpointRequestError)]
+        if len(refused) == len(outcomes):  # nothing answered: the request as a whole is refused
+            first = refused[0]
+            if len(outcomes) == 1:
+                raise first
+            raise EndpointRequestError(
+                first.error_type, f"Every input was refused; input 0: {first.message}", first.http_status
+            )
+        if shape == SHAPE_VQA:
+            record = outcomes[0]
+            score = self._answer_score(record)
+            if not want_prompt:
+                record.pop("prompt", None)
+            # Greedy decoding gives one answer, whatever top_k asked for (top_k bounds the list's length).
+            return [{"answer": record["answer"], "score": score, **record}]
+        return [
+            outcome.as_record(index) if isinstance(outcome, EndpointRequestError) else outcome
+            for index, outcome in enumerate(outcomes)
+        ]
+
+    def _run(self, requests: list[dict], parameters: dict) -> list:
+        """Records for the requests as one batch; if the batch fails, one at a time, so a bad item is only marked."""
+        try:
+            records = self.pipeline(requests, batch_size=len(requests), **parameters)
+            return records if isinstance(records, list) else [records]
+        except Exception as error:
+            if len(requests) == 1:
+                return [self._endpoint_error(error)]
+        outcomes = []
+        for request in requests:
+            try:
+                outcomes.append(self.pipeline(request, **parameters))
+            except Exception as error:
+                outcomes.append(self._endpoint_error(error))
+        return outcomes
+
+    def _answer_score(self, record: dict) -> float | None:
+        """P(answer | prompt) under the bundle's language model, as a geometric mean over the answer's tokens.
+
+        ``None`` when another server wrote the answer (``backend`` is not the bundle's own model).
+        """
+        if record.get("backend") != "local" or "prompt" not in record:
+            return None
+        tokenizer, model = self.pipeline.tokenizer, self.pipeline.model
+        prompt_ids = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
+        answer_ids = tokenizer(record["answer"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if answer_ids.shape[1] == 0:
+            return None
+        device = model.get_input_embeddings().weight.device
+        input_ids = torch.cat([prompt_ids, answer_ids], dim=1).to(device)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        except (RuntimeError, IndexError) as error:  # e.g. prompt + answer beyond the positions: keep the answer
+            logger.warning("No answer score (%s in the scoring pass).", type(error).__name__)
+            return None
+        # Position t predicts token t+1: the answer's tokens are predicted by the positions just before them.
+        predicted = logits[0, prompt_ids.shape[1] - 1 : -1].float().log_softmax(dim=-1)
+        token_log_probs = predicted.gather(1, answer_ids[0].to(device).unsqueeze(1)).squeeze(1)
+        return float(token_log_probs.mean().exp())
 
     # ------------------------------------------------------------------ request parsing
 
-    def _parse(self, data: Any) -> tuple[list[dict], dict]:
+    def _parse(self, data: Any) -> tuple[str, list, dict]:
+        """(shape, items, parameters): items are request dicts, or the typed error of an item that was refused."""
         if not isinstance(data, dict) or "inputs" not in data:
             raise self.InputError('The request body must be a JSON object with "inputs" (and optionally "parameters").')
-        unknown = sorted(set(data) - {"inputs", "parameters"})
+        inputs = data["inputs"]
+        if "question" in data or "image" in data:
+            shape, accepted = SHAPE_VQA, VQA_TOP_LEVEL_KEYS
+        elif isinstance(inputs, (Image.Image, bytes, bytearray)):
+            shape, accepted = SHAPE_RAW, TOP_LEVEL_KEYS
+        else:
+            shape, accepted = SHAPE_CONTRACT, TOP_LEVEL_KEYS
+        unknown = set(data) - set(accepted)
         if unknown:
             raise self.UnknownParameterError(
-                f"Unknown top-level key(s): {', '.join(unknown)}. Use inputs and parameters."
+                f"The request has {len(unknown)} unknown top-level key(s); accepted: {', '.join(accepted)}."
             )
-        inputs = data["inputs"]
+        parameters = self._parameters(data.get("parameters") or {}, shape)
+        if shape == SHAPE_VQA:
+            image = data.get("image", inputs)
+            return shape, [self._item({"image": image, "question": data.get("question")})], parameters
+        if shape == SHAPE_RAW:
+            question = parameters.pop("question", None)
+            return shape, [self._item({"image": inputs, "question": question})], parameters
         items = inputs if isinstance(inputs, list) else [inputs]
         if not items:
             raise self.MissingQuestionError('"inputs" is an empty list: send at least one question.')
         if len(items) > MAX_INPUTS:
             raise self.PayloadTooLargeError(f"At most {MAX_INPUTS} inputs per request; split the batch.")
-        return [self._request(item) for item in items], self._parameters(data.get("parameters") or {})
+        return shape, [self._item(item) for item in items], parameters
+
+    def _item(self, item: Any) -> dict | EndpointRequestError:
+        try:
+            return self._request(item)
+        except Exception as error:
+            return self._endpoint_error(error)
 
     def _request(self, item: Any) -> dict:
         if isinstance(item, str):
@@ -123,23 +254,49 @@ class EndpointHandler:
         unknown = set(item) - set(INPUT_KEYS)
         if unknown:
             raise self.UnknownParameterError(
-                f"Unknown input key(s): {_names(unknown)}. Accepted keys: {', '.join(INPUT_KEYS)}."
+                f"An input has {len(unknown)} unknown key(s); accepted keys: {', '.join(INPUT_KEYS)}."
             )
         question = item.get("question")
-        if isinstance(question, str) and len(question) > MAX_QUESTION_CHARS:
+        if not isinstance(question, str) or not question.strip():
+            raise self.MissingQuestionError(
+                'Each input needs a non-empty "question" string (for a raw image body: ?question=... in the URL).'
+            )
+        if len(question) > MAX_QUESTION_CHARS:
             raise self.PayloadTooLargeError(f"The question is longer than {MAX_QUESTION_CHARS} characters.")
-        request = dict(item)
+        request = {key: value for key, value in item.items() if value is not None}
         if item.get("image") is not None:
-            request["image"] = self._image_bytes(item["image"])
+            request["image"] = self._image(item["image"])
         return request
 
-    def _image_bytes(self, image: Any) -> bytes:
-        """Decode base64 / data-URI images here: a string is never read as a path on the server."""
+    def _image(self, image: Any) -> Image.Image | bytes | list[bytes]:
+        """Decode base64 / data-URI images here: a string is never read as a path on the server.
+
+        A list of base64 strings is a DICOM series (one file each); a PIL image or bytes came as a raw body.
+        """
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, (bytes, bytearray)):
+            if len(image) > MAX_IMAGE_BYTES:
+                raise self.ImageTooLargeError(f"The image is larger than the {MAX_IMAGE_BYTES}-byte limit.")
+            if not image:
+                raise self.InvalidImageError("The request body is empty: send the image file.")
+            return bytes(image)
+        if isinstance(image, list):
+            if not image:
+                raise self.InvalidImageError('"image" is an empty list: send one base64 string per DICOM file.')
+            if len(image) > MAX_SERIES_FILES:
+                raise self.PayloadTooLargeError(f"A series may hold at most {MAX_SERIES_FILES} files.")
+            if sum(len(part) if isinstance(part, str) else 0 for part in image) * 3 // 4 > MAX_SERIES_BYTES:
+                raise self.ImageTooLargeError(f"The series is larger than the {MAX_SERIES_BYTES}-byte limit.")
+            return [self._base64(part, MAX_SERIES_BYTES) for part in image]
+        return self._base64(image, MAX_IMAGE_BYTES)
+
+    def _base64(self, image: Any, limit: int) -> bytes:
         if not isinstance(image, str):
-            raise self.InvalidImageError('"image" must be a base64 string or a data: URI.')
+            raise self.InvalidImageError('"image" must be a base64 string, a data: URI, or a list of base64 strings.')
         payload = image.split(",", 1)[1] if image.startswith("data:") and "," in image else image
-        if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
-            raise self.ImageTooLargeError(f"The image is larger than the {MAX_IMAGE_BYTES}-byte limit.")
+        if len(payload) * 3 // 4 > limit:
+            raise self.ImageTooLargeError(f"The image is larger than the {limit}-byte limit.")
         try:
             decoded = base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError):
@@ -148,30 +305,52 @@ class EndpointHandler:
             raise self.InvalidImageError('"image" decodes to zero bytes.')
         return decoded
 
-    def _parameters(self, parameters: Any) -> dict:
+    def _parameters(self, parameters: Any, shape: str) -> dict:
         if not isinstance(parameters, dict):
             raise self.InputError('"parameters" must be a JSON object.')
-        unknown = set(parameters) - set(PARAMETERS)
+        checks = dict(PARAMETERS)
+        if shape == SHAPE_VQA:
+            checks["top_k"] = VQA_TOP_K
+        if shape == SHAPE_RAW:
+            checks["question"] = (lambda v: isinstance(v, str), "the question text")
+        unknown = set(parameters) - set(checks)
         if unknown:
             raise self.UnknownParameterError(
-                f"Unknown parameter(s): {_names(unknown)}. Accepted: {', '.join(sorted(PARAMETERS))}."
+                f"The request has {len(unknown)} unknown parameter(s); accepted: {', '.join(sorted(checks))}."
             )
+        checked = {}
         for name, value in parameters.items():
-            check, expected = PARAMETERS[name]
+            if name in NUMBER_PARAMETERS and isinstance(value, str):
+                value = _decimal(value)
+            check, expected = checks[name]
             if not check(value):
                 raise self.UnknownParameterError(f"Parameter {name} must be {expected}.")
-        return dict(parameters)
+            checked[name] = value
+        if shape == SHAPE_VQA and checked.get("top_k") is None:
+            checked.pop("top_k", None)
+        return checked
 
     # ------------------------------------------------------------------ errors
 
-    def _error_response(self, error: Exception) -> dict:
+    def _endpoint_error(self, error: Exception) -> EndpointRequestError:
+        if isinstance(error, EndpointRequestError):
+            return error
         # Matched by name: the pipeline and the model may each hold a copy of the remote-code error classes.
         if any(cls.__name__ == "VisualMedAlpacaError" for cls in type(error).__mro__):
-            return {"error": str(error), "error_type": type(error).__name__, "status": error.http_status}
-        # Unexpected: log the type only (a message could quote the payload) and keep serving.
+            return EndpointRequestError(type(error).__name__, str(error), error.http_status)
+        # Unexpected: log the type only (a message could quote the payload).
         logger.error("Unexpected %s while answering a request.", type(error).__name__)
-        return {
-            "error": "Internal error while answering; the request was not processed. Try again or report it.",
-            "error_type": "InternalError",
-            "status": 500,
-        }
+        return EndpointRequestError(
+            "InternalError",
+            "Internal error while answering; the request was not processed. Try again or report it.",
+            500,
+        )
+
+
+def _decimal(text: str) -> float | str:
+    """``"0.7"`` -> 0.7; anything else stays text and fails the parameter's check."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text

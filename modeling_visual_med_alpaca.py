@@ -29,7 +29,6 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # --------------------------------------------------------------------------------------------------
@@ -305,6 +304,42 @@ EXPERT_SPEC_KEYS = frozenset(
 )
 
 
+class _PresentSubConfigs:
+    """``sub_configs`` of the composite config: the parts it holds (on the class: every possible part).
+
+    An absent optional part (no chart reader) is left out, because transformers 4.x's ``to_diff_dict`` recurses into
+    every listed name and fails on ``None``.
+    """
+
+    NAMES = ("captioner_config", "text_config", "chart_config")
+
+    def __get__(self, instance, owner) -> dict:
+        present = [name for name in self.NAMES if instance is None or getattr(instance, name, None) is not None]
+        return dict.fromkeys(present, AutoConfig)
+
+
+def _sub_config(value: dict | PretrainedConfig | None, default_model_type: str) -> PretrainedConfig:
+    """A part's config from a config, a dict (``model_type`` defaulting to ``default_model_type``) or nothing."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    value = dict(value or {})
+    return AutoConfig.for_model(value.pop("model_type", default_model_type), **value)
+
+
+def _merged_expert_specs(experts: dict | None) -> dict:
+    """``DEFAULT_EXPERT_SPECS`` with the config's entries merged over them; an incomplete new entry is refused."""
+    merged_specs = {name: dict(spec) for name, spec in DEFAULT_EXPERT_SPECS.items()}
+    for name, spec in (experts or {}).items():
+        merged = {**merged_specs.get(name, {}), **spec}
+        missing = sorted(EXPERT_SPEC_KEYS - set(merged))
+        if missing:
+            raise ModelLoadError(
+                f"Expert '{name}' in config.experts lacks {', '.join(missing)}; see DEFAULT_EXPERT_SPECS."
+            )
+        merged_specs[name] = merged
+    return merged_specs
+
+
 class VisualMedAlpacaConfig(PretrainedConfig):
     r"""Configuration of [`VisualMedAlpacaModel`].
 
@@ -337,38 +372,43 @@ class VisualMedAlpacaConfig(PretrainedConfig):
     """
 
     model_type = "visual_med_alpaca"
-    sub_configs_defaults = {
-        "captioner_config": SubConfigSpec(config_class=AutoConfig, model_type="git"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "chart_config": SubConfigSpec(config_class=AutoConfig, model_type="pix2struct", optional=True),
-    }
-    captioner_config: dict | PretrainedConfig | None = None
-    text_config: dict | PretrainedConfig | None = None
-    chart_config: dict | PretrainedConfig | None = None
-    experts: dict | None = None
-    router_mode: str = "statistics"
-    router_model: str | None = None
-    caption_max_new_tokens: int = 48
-    chart_max_new_tokens: int = 256
-    chart_max_patches: int = 1024
-    answer_max_new_tokens: int = 128
-    max_prompt_tokens: int = 1536
-    intermediate_cache_size: int = 256
-    language_backend: dict | str | None = None
-    tie_word_embeddings: bool = False
+    # A classic __init__ rather than transformers 5's dataclass fields + SubConfigSpec, so one class loads on every
+    # transformers from 4.51 to 5.x: v5 keeps a config's own __init__ (PreTrainedConfig.__init_subclass__ wraps only
+    # classes without one) and both read ``sub_configs`` (name -> class) to recurse into the parts.
+    sub_configs = _PresentSubConfigs()
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        experts = {name: dict(spec) for name, spec in DEFAULT_EXPERT_SPECS.items()}
-        for name, spec in (self.experts or {}).items():
-            merged = {**experts.get(name, {}), **spec}
-            missing = sorted(EXPERT_SPEC_KEYS - set(merged))
-            if missing:
-                raise ModelLoadError(
-                    f"Expert '{name}' in config.experts lacks {', '.join(missing)}; see DEFAULT_EXPERT_SPECS."
-                )
-            experts[name] = merged
-        self.experts = experts
+    def __init__(
+        self,
+        captioner_config: dict | PretrainedConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        chart_config: dict | PretrainedConfig | None = None,
+        experts: dict | None = None,
+        router_mode: str = "statistics",
+        router_model: str | None = None,
+        caption_max_new_tokens: int = 48,
+        chart_max_new_tokens: int = 256,
+        chart_max_patches: int = 1024,
+        answer_max_new_tokens: int = 128,
+        max_prompt_tokens: int = 1536,
+        intermediate_cache_size: int = 256,
+        language_backend: dict | str | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.captioner_config = _sub_config(captioner_config, "git")
+        self.text_config = _sub_config(text_config, "llama")
+        self.chart_config = None if chart_config is None else _sub_config(chart_config, "pix2struct")
+        self.experts = _merged_expert_specs(experts)
+        self.router_mode = router_mode
+        self.router_model = router_model
+        self.caption_max_new_tokens = caption_max_new_tokens
+        self.chart_max_new_tokens = chart_max_new_tokens
+        self.chart_max_patches = chart_max_patches
+        self.answer_max_new_tokens = answer_max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.intermediate_cache_size = intermediate_cache_size
+        self.language_backend = language_backend
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def expert_model_config(self, name: str) -> PretrainedConfig | None:
         """The sub-config of expert ``name``; ``None`` when the bundle does not include that expert."""
@@ -400,6 +440,32 @@ def int8_quantization_config(expert_modules=()):
 
     skip = list(dict.fromkeys([*INT8_SKIP_MODULES, *expert_modules]))
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _write_portable_processor_layout(processor, folder: str) -> None:
+    """Rewrite a saved processor in the layout every transformers from 4.51 to 5.x reads.
+
+    transformers 5 nests the image processor inside ``processor_config.json``; 4.x reads it from
+    ``preprocessor_config.json`` and passes any nested entry to the processor's constructor a second time
+    (``TypeError: got multiple values for argument 'image_processor'``). 5.x still reads the separate file, so the
+    image processor is saved on its own and the nested copy removed.
+    """
+    import json
+    import os
+
+    config_file = os.path.join(folder, "processor_config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    nested = [name for name, value in saved.items() if isinstance(value, dict) and name.endswith("image_processor")]
+    if not nested:
+        return
+    for name in nested:
+        getattr(processor, name).save_pretrained(folder)  # preprocessor_config.json
+        del saved[name]
+    with open(config_file, "w", encoding="utf-8") as handle:
+        json.dump(saved, handle, indent=2, sort_keys=True)
 
 
 class VisualMedAlpacaPreTrainedModel(PreTrainedModel):
@@ -498,6 +564,31 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
                 ) from None
         return processors
 
+    def load_language_tokenizer(self):
+        """The language model's tokenizer from the bundle root (for transformers that do not load it for the pipeline).
+
+        transformers 4.x's ``pipeline()`` loads a tokenizer only for configs it knows, and cannot resolve the generic
+        ``TokenizersBackend`` class that transformers 5 writes into ``tokenizer_config.json``: then the fast
+        tokenizer is read straight from ``tokenizer.json`` (the same vocabulary, special tokens and chat template).
+        """
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        location = dict(getattr(self, "_bundle_source", None) or {"name_or_path": self.name_or_path})
+        name_or_path = location.pop("name_or_path")
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path, **location)
+        except ValueError:  # a tokenizer class this transformers does not have
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(name_or_path, **location)
+            except (OSError, ValueError) as error:
+                raise ModelLoadError(
+                    f"Could not load the language model's tokenizer from the bundle root ({type(error).__name__})."
+                ) from None
+        except OSError as error:
+            raise ModelLoadError(
+                f"Could not load the language model's tokenizer from the bundle root ({type(error).__name__})."
+            ) from None
+
     def save_expert_processors(
         self, save_directory, captioner_processor=None, chart_processor=None, **processors_by_expert
     ) -> None:
@@ -514,6 +605,7 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
             if processor is not None:
                 subfolder = self.config.experts[expert]["processor_subfolder"]
                 processor.save_pretrained(os.path.join(save_directory, subfolder))
+                _write_portable_processor_layout(processor, os.path.join(save_directory, subfolder))
                 module = self.expert_module(expert)
                 if module is not None:
                     module.config.save_pretrained(os.path.join(save_directory, subfolder))

@@ -244,6 +244,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if self.tokenizer is None and getattr(self.model, "load_language_tokenizer", None) is not None:
+            self.tokenizer = self.model.load_language_tokenizer()  # transformers 4.x's pipeline() does not load it
         if self.tokenizer is None:
             raise InputError("The pipeline needs the language model's tokenizer (saved at the bundle root).")
         # Generation with a batch of prompts needs left padding so every answer starts at the same column.

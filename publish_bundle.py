@@ -57,9 +57,20 @@ from modeling_visual_med_alpaca import (
 REPO_ROOT = Path(__file__).resolve().parent
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_card.md"
 ENDPOINT_HANDLER = REPO_ROOT / "handler.py"
-RUNTIME_REQUIREMENTS = REPO_ROOT / "requirements.txt"
-# What the endpoint image needs on top of its own torch; the pins are read from requirements.txt (one place).
-ENDPOINT_PACKAGES = ("transformers", "accelerate", "bitsandbytes", "safetensors", "pillow", "numpy", "pydicom")
+# What the endpoint image needs on top of its own torch, as ranges: the Inference Endpoints toolkit `pip install`s
+# the repository's requirements.txt into its container (transformers 4.51.3, torch 2.5.1) before it starts, so a
+# range keeps the container's own versions where they fit, and a pin would replace them (transformers 5 would also
+# switch PyTorch off below torch 2.6). The lower bounds are the oldest stack tested (requirements-transformers4.txt,
+# tests/test_transformers_compat.py), the upper ones the pinned stack (requirements.txt).
+ENDPOINT_REQUIREMENTS = {
+    "transformers": ">=4.51.3,<=5.24.0",
+    "accelerate": ">=1.6.0,<2",
+    "bitsandbytes": ">=0.45.0,<1",  # 8-bit loading only (VMA_LOAD_IN_8BIT=1); needs torch>=2.4, the image has 2.5.1
+    "safetensors": ">=0.4.3",
+    "pillow": ">=10.1",
+    "numpy": ">=1.26,<3",
+    "pydicom": ">=3.0.1,<4",  # the pydicom.pixels API
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Names a training run leaves behind; none may reach a published folder.
 LEFTOVER_PATTERNS = (
@@ -280,21 +291,20 @@ def assemble_model(captioner, language_model, chart_reader=None) -> VisualMedAlp
 
 
 def endpoint_requirements() -> str:
-    """The endpoint's requirements.txt: the runtime pins of ``ENDPOINT_PACKAGES`` from requirements.txt."""
-    pins = {}
-    for line in RUNTIME_REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        name = re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower()
-        if name in ENDPOINT_PACKAGES:
-            pins[name] = line
-    missing = [name for name in ENDPOINT_PACKAGES if name not in pins]
-    if missing:
-        raise ModelLoadError(f"requirements.txt lists no pin for {', '.join(missing)}.")
+    """The endpoint's requirements.txt: ``ENDPOINT_REQUIREMENTS`` as ranges, never torch (the image's CUDA build)."""
     header = (
         "# Inference Endpoints: installed on top of the endpoint image's torch (do not pin torch here: the\n"
-        "# image's CUDA build must stay). Written by publish_bundle.py from the project's requirements.txt.\n"
+        "# image's CUDA build must stay). Ranges, so the image's own versions are kept where they fit.\n"
+        "# Written by publish_bundle.py.\n"
     )
-    return header + "\n".join(pins[name] for name in ENDPOINT_PACKAGES) + "\n"
+    return header + "\n".join(name + spec for name, spec in ENDPOINT_REQUIREMENTS.items()) + "\n"
+
+
+def write_endpoint_files(output_dir) -> None:
+    """What the Inference Endpoints toolkit looks for in the repository: ``handler.py`` and ``requirements.txt``."""
+    output_dir = Path(output_dir)
+    shutil.copyfile(ENDPOINT_HANDLER, output_dir / "handler.py")
+    (output_dir / "requirements.txt").write_text(endpoint_requirements())
 
 
 def _read_json(path: str | Path) -> dict:
@@ -548,8 +558,7 @@ def main(args: PublishArguments, api=None) -> dict:
     print(f"[3/{steps}] Writing the bundle to {output_dir} (shards of at most {args.max_shard_size}) ...", flush=True)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
     save_pipeline_bundle(output_dir, model, tokenizer, captioner_processor, chart_processor, args.max_shard_size)
-    shutil.copyfile(ENDPOINT_HANDLER, output_dir / "handler.py")
-    (output_dir / "requirements.txt").write_text(endpoint_requirements())
+    write_endpoint_files(output_dir)
     render_model_card(args, model, output_dir)
     if args.export_language_model:
         language_model.save_pretrained(args.export_language_model, max_shard_size=args.max_shard_size)

@@ -329,10 +329,13 @@ def build_bundle(seed: int = 0, with_chart_reader: bool = False, **sizes):
 
 
 def save_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor=None) -> Path:
-    """Save a loadable bundle: weights, config with ``auto_map``/``custom_pipelines``, remote code, processors."""
-    from publish_bundle import save_pipeline_bundle
+    """Save a loadable bundle: weights, config with ``auto_map``/``custom_pipelines``, remote code, processors,
+    and the Inference Endpoints files (``handler.py``, ``requirements.txt``)."""
+    from publish_bundle import save_pipeline_bundle, write_endpoint_files
 
-    return save_pipeline_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor)
+    folder = save_pipeline_bundle(output_dir, model, llama_tokenizer, git_processor, chart_processor)
+    write_endpoint_files(folder)
+    return folder
 
 
 def main() -> None:

@@ -38,6 +38,14 @@ def vqa(bundle_dir):
 
 
 @pytest.fixture(scope="session")
+def endpoint_handler(bundle_dir):
+    """The bundle's handler.py, found and built the way the Endpoints toolkit does (tests/endpoint_toolkit.py)."""
+    from endpoint_toolkit import load_custom_handler
+
+    return load_custom_handler(bundle_dir)
+
+
+@pytest.fixture(scope="session")
 def radiology_images():
     """Real VQA-RAD images shipped in the repository (public domain)."""
     return sorted(VQA_RAD_IMAGES.glob("*.jpg"))[:4]
