@@ -55,6 +55,7 @@ try:
         ImageInputError,
         ImageTooLargeError,
         ImageURLNotAllowedError,
+        InputError,
         InvalidImageError,
         UnsupportedImageFormatError,
     )
@@ -64,6 +65,7 @@ except ImportError:  # imported from a checkout as a top-level module
         ImageInputError,
         ImageTooLargeError,
         ImageURLNotAllowedError,
+        InputError,
         InvalidImageError,
         UnsupportedImageFormatError,
     )
@@ -113,6 +115,36 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _JPEG_FAMILY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
 _JPEG2000_FAMILY = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+# pydicom tries pylibjpeg before Pillow for 8-bit JPEG Baseline. Pillow (libjpeg-turbo, of the IJG line that DCMTK
+# builds on) reproduces DCMTK's rendering of lossy baseline JPEG exactly; pylibjpeg-libjpeg's IDCT and colour
+# rounding differ by up to 3 gray levels. pylibjpeg still decodes 12-bit JPEG Extended, lossless JPEG and JPEG-LS.
+_PREFERRED_DECODING_PLUGIN = {"1.2.840.10008.1.2.4.50": "pillow"}
+# A dataset stored without the 128-byte preamble and "DICM" (ACR-NEMA style, or a Part 10 writer that skipped
+# them) starts with the file meta group (0002) or the identifying group (0008), little or big endian. DCMTK reads
+# such files; these first-tag patterns keep every accepted 2-D format (PNG, JPEG, GIF, BMP, TIFF, WebP) out.
+_BARE_DATASET_GROUPS = ((0x0002, "<"), (0x0008, "<"), (0x0008, ">"))
+NO_PREAMBLE_WARNING = (
+    "The DICOM file has no 128-byte preamble and 'DICM' marker (not a conformant Part 10 file): it was read as a "
+    "bare DICOM dataset, its encoding inferred."
+)
+
+# CT windows in HU as (center, width): the typical values listed by Radiopaedia's "Windowing (CT)" article
+# (radiopaedia.org/articles/windowing-ct). ``ct_windows`` packs three of them into R, G and B, the way MedGemma
+# feeds CT to its vision encoder.
+CT_WINDOW_PRESETS = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+}
+CT_WINDOWS_NOT_APPLIED_WARNING = (
+    "ct_windows applies to CT images with a modality rescale (HU) only: this image got its single window instead."
+)
 
 
 @dataclass
@@ -142,6 +174,7 @@ def load_image(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     allow_urls: bool = False,
     url_timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+    ct_windows=None,
 ) -> LoadedImage:
     """Load ``source`` into an 8-bit RGB image, or raise a typed ``ImageInputError``.
 
@@ -155,7 +188,11 @@ def load_image(
         background: RGB colour that transparent pixels are composited on.
         allow_urls: fetch http(s) URLs (for a CLI; leave off in a server).
         url_timeout_s: total time limit of a URL download.
+        ct_windows: ``None`` (one window, the default) or three CT windows packed into R, G and B, each a name
+            from ``CT_WINDOW_PRESETS`` or a ``(center, width)`` pair in HU. Only for CT with a modality rescale;
+            any other image gets its single window and a warning.
     """
+    windows = parse_ct_windows(ct_windows)
     if isinstance(source, LoadedImage):
         return source
     if isinstance(source, Image.Image):
@@ -171,9 +208,44 @@ def load_image(
         return LoadedImage(image=_from_array(source, max_pixels, background), source_format="array")
 
     data = _read_source_bytes(source, max_bytes, allow_urls, url_timeout_s)
-    if _is_dicom(data):
-        return _load_dicom(data, frame=frame, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded=max_decoded_bytes)
+    if _is_dicom(data) or _is_bare_dicom_dataset(data):
+        return _load_dicom(
+            data,
+            frame=frame,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_decoded=max_decoded_bytes,
+            ct_windows=windows,
+        )
     return _load_2d(data, max_pixels, background)
+
+
+def parse_ct_windows(value) -> tuple[tuple[float, float], ...] | None:
+    """``ct_windows`` as three ``(center, width)`` pairs in HU, or ``None``; a bad value is an ``InputError``."""
+    if value is None:
+        return None
+    problem = InputError(
+        "ct_windows must be None or three CT windows, each a preset name "
+        f"({', '.join(CT_WINDOW_PRESETS)}) or a (center, width) pair in HU with width >= 1."
+    )
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise problem
+    windows = []
+    for window in value:
+        if isinstance(window, str) and window.strip().lower() in CT_WINDOW_PRESETS:
+            windows.append(CT_WINDOW_PRESETS[window.strip().lower()])
+            continue
+        if isinstance(window, (list, tuple)) and len(window) == 2 and all(_is_real(number) for number in window):
+            center, width = float(window[0]), float(window[1])
+            if math.isfinite(center) and math.isfinite(width) and width >= 1:
+                windows.append((center, width))
+                continue
+        raise problem
+    return tuple(windows)
+
+
+def _is_real(number) -> bool:
+    return isinstance(number, numbers.Real) and not isinstance(number, bool)
 
 
 def dicom_prompt_context(metadata: dict) -> str | None:
@@ -419,6 +491,11 @@ _PYDICOM_NAMES = frozenset(
         "dcmread",
         "dictionary_VR",
         "Dataset",
+        "FileMetaDataset",
+        "generate_fragments",
+        "ImplicitVRLittleEndian",
+        "ExplicitVRLittleEndian",
+        "ExplicitVRBigEndian",
         "get_frame",
         "data_element_generator",
         "MultiValue",
@@ -441,14 +518,15 @@ def _import_pydicom() -> None:
     """Bind the pydicom names this module uses, once (a name patched afterwards stays patched)."""
     global _pydicom_imported, dcmread, dictionary_VR, Dataset, get_frame, data_element_generator, MultiValue
     global apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
-    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, FileMetaDataset, generate_fragments
+    global ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
     with _pydicom_lock:
         if _pydicom_imported:
             return
         from pydicom import dcmread
         from pydicom.datadict import dictionary_VR
-        from pydicom.dataset import Dataset
-        from pydicom.encaps import get_frame
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.encaps import generate_fragments, get_frame
         from pydicom.filereader import data_element_generator
         from pydicom.multival import MultiValue
         from pydicom.pixels import (
@@ -459,7 +537,14 @@ def _import_pydicom() -> None:
             get_decoder,
             pixel_array,
         )
-        from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+        from pydicom.uid import (
+            UID,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            MediaStorageDirectoryStorage,
+        )
 
         _pydicom_imported = True
 
@@ -475,7 +560,26 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
+def _is_bare_dicom_dataset(data: bytes) -> bool:
+    """A dataset without the preamble: its first tag is in group 0002 or 0008, with a small element number."""
+    if len(data) < 8:
+        return False
+    for group, order in _BARE_DATASET_GROUPS:
+        first_group, first_element = (
+            int.from_bytes(data[0:2], _BYTE_ORDER[order]),
+            int.from_bytes(data[2:4], _BYTE_ORDER[order]),
+        )
+        if first_group == group and first_element < 0x0100:
+            return True
+    return False
+
+
+_BYTE_ORDER = {"<": "little", ">": "big"}
+
+
+def _load_dicom(
+    data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int, ct_windows=None
+) -> LoadedImage:
     _import_pydicom()
     # pydicom's warnings quote element values too: they are dropped, not recorded.
     with _library_logs_dropped(), warnings.catch_warnings():
@@ -488,15 +592,30 @@ def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: i
             max_bytes,
             max_pixels,
             max_decoded,
+            ct_windows,
         )
 
 
-def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
-    transfer_syntax, meta_end = _file_meta_transfer_syntax(data)
+def _decode_dicom(
+    data: bytes, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int, ct_windows=None
+) -> LoadedImage:
+    notes: list[str] = []
+    part10 = _is_dicom(data)
+    if not part10:
+        notes.append(NO_PREAMBLE_WARNING)
+    transfer_syntax, meta_end = _file_meta_transfer_syntax(data, 132 if part10 else 0)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         _check_inflated_size(data[meta_end:], max_bytes)
-    dataset = dcmread(io.BytesIO(data))
-    file_meta = getattr(dataset, "file_meta", Dataset())
+    dataset = dcmread(io.BytesIO(data), force=not part10)
+    file_meta = getattr(dataset, "file_meta", None)
+    if file_meta is None:
+        dataset.file_meta = file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in file_meta and dataset.original_encoding[0] is not None:
+        # No file meta: the syntax is the encoding pydicom detected while reading (DCMTK infers it the same way).
+        implicit, little = dataset.original_encoding
+        file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
     if file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in dataset:
         raise UnsupportedImageFormatError(
             "This is a DICOMDIR (an index of a DICOM medium), not an image: pass one of the image files it lists."
@@ -507,17 +626,20 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
             "truncated before its pixel data."
         )
 
-    frames = _checked_geometry(dataset, max_pixels, max_decoded)
-    index = _frame_index(frame, frames)
     syntax = UID(str(file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    frames = _checked_geometry(dataset, syntax, max_pixels, max_decoded, notes)
+    index = _frame_index(frame, frames)
     _require_decoder(syntax)
     if syntax in _JPEG_FAMILY + _JPEG2000_FAMILY and "PixelData" in dataset:
         _check_encapsulated_frame(dataset.PixelData, index, frames, max_pixels)
 
-    pixels = _guarded(pixel_array, _decode_failure(syntax), dataset, index=index if frames > 1 else None)
-    notes: list[str] = []
+    decode_options = {"index": index if frames > 1 else None}
+    preferred = _PREFERRED_DECODING_PLUGIN.get(str(syntax))
+    if preferred is not None and preferred in get_decoder(syntax).available_plugins:
+        decode_options["decoding_plugin"] = preferred
+    pixels = _guarded(pixel_array, _decode_failure(syntax), dataset, **decode_options)
     metadata = _dicom_metadata(dataset, notes)
-    image, window = _dicom_pixels_to_rgb(pixels, dataset, notes)
+    image, window = _dicom_pixels_to_rgb(pixels, dataset, notes, ct_windows)
     metadata.update(window)
     if syntax.is_transfer_syntax:
         metadata["transfer_syntax"] = syntax.name
@@ -529,10 +651,10 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
     return LoadedImage(image=image, source_format="DICOM", metadata=metadata, warnings=notes)
 
 
-def _file_meta_transfer_syntax(data: bytes) -> tuple[str | None, int]:
+def _file_meta_transfer_syntax(data: bytes, meta_start: int = 132) -> tuple[str | None, int]:
     """The transfer syntax UID of the file meta (group 0002) and where the dataset starts."""
     stream = io.BytesIO(data)
-    stream.seek(132)
+    stream.seek(meta_start)
     syntax = None
     for element in data_element_generator(stream, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2):
         if element.tag == 0x00020010 and isinstance(element.value, bytes):
@@ -551,18 +673,45 @@ def _check_inflated_size(deflated: bytes, max_bytes: int) -> None:
         raise ImageTooLargeError(f"The inflated DICOM dataset is larger than the {max_bytes}-byte limit.")
 
 
-def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> int:
+def _checked_geometry(dataset: Dataset, syntax: UID, max_pixels: int, max_decoded: int, notes: list[str]) -> int:
     """Rows x columns against the pixel cap, the declared pixel data against the byte cap; the frame count."""
     rows, columns = int(dataset.Rows), int(dataset.Columns)
-    frames = int(dataset.get("NumberOfFrames") or 1)
     samples = int(dataset.get("SamplesPerPixel") or 1)
     bits = int(dataset.BitsAllocated)
-    if min(rows, columns, frames) < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+    if min(rows, columns) < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise InvalidImageError("The DICOM image geometry in the header is invalid.")
+    frames = _number_of_frames(dataset, syntax, rows * columns * samples * bits, notes)
+    if frames < 1:
         raise InvalidImageError("The DICOM image geometry in the header is invalid.")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
     if math.ceil(rows * columns * frames * samples * bits / 8) > max_decoded:
         raise ImageTooLargeError(f"The DICOM header declares more than {max_decoded} bytes of pixel data.")
+    return frames
+
+
+def _number_of_frames(dataset: Dataset, syntax: UID, frame_bits: int, notes: list[str]) -> int:
+    """Number of Frames, or, when its value is malformed (e.g. "1A"), the count the pixel data holds.
+
+    DCMTK renders such a file; the count is taken from the native pixel data's length (or one frame per
+    fragment of encapsulated data) and written back so pydicom decodes the same frames.
+    """
+    declared = dataset.get("NumberOfFrames")
+    if declared is None or declared == "":
+        return 1
+    try:
+        return int(declared)
+    except (TypeError, ValueError):
+        pass
+    pixel_data = dataset.get("PixelData")
+    if pixel_data is None:
+        frames = 1
+    elif syntax.is_compressed:
+        frames = max(1, sum(1 for _ in generate_fragments(pixel_data)))
+    else:
+        frames = max(1, len(pixel_data) * 8 // max(frame_bits, 1))
+    notes.append(f"The DICOM header's number of frames is malformed: {frames} frame(s) read from the pixel data.")
+    dataset.NumberOfFrames = frames
     return frames
 
 
@@ -623,15 +772,28 @@ def _check_encapsulated_frame(pixel_data: bytes, index: int, frames: int, max_pi
         raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
 
 
-def _dicom_pixels_to_rgb(pixels: np.ndarray, dataset: Dataset, notes: list[str]) -> tuple[Image.Image, dict]:
+def _dicom_pixels_to_rgb(
+    pixels: np.ndarray, dataset: Dataset, notes: list[str], ct_windows=None
+) -> tuple[Image.Image, dict]:
     photometric = str(dataset.get("PhotometricInterpretation") or "MONOCHROME2").strip()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim != 2:
             raise InvalidImageError("The DICOM grayscale pixel data does not have one sample per pixel.")
-        gray, window = _voi_to_8bit(apply_modality_lut(pixels, dataset), dataset, notes)
+        values = apply_modality_lut(pixels, dataset)
+        if ct_windows is not None and _has_hounsfield_units(dataset):
+            channels = [_window_8bit(values, center, width) for center, width in ct_windows]
+            return Image.fromarray(np.stack(channels, axis=-1), mode="RGB"), {
+                "window_source": "ct_windows",
+                "ct_windows": [list(window) for window in ct_windows],
+            }
+        if ct_windows is not None:
+            notes.append(CT_WINDOWS_NOT_APPLIED_WARNING)
+        gray, window = _voi_to_8bit(values, dataset, notes)
         if photometric == "MONOCHROME1":  # low values are bright: inverted after the VOI step (PS3.3 C.7.6.3.1.2)
             gray = 255 - gray
         return _gray_to_rgb(gray), window
+    if ct_windows is not None:
+        notes.append(CT_WINDOWS_NOT_APPLIED_WARNING)
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, dataset)
         depth = 8 if pixels.dtype == np.uint8 else 16
@@ -670,12 +832,17 @@ def _voi_to_8bit(values: np.ndarray, dataset: Dataset, notes: list[str]) -> tupl
 
 
 def _apply_voi_lut_8bit(values: np.ndarray, dataset: Dataset) -> np.ndarray:
-    # A VOI LUT is indexed by (integer) modality values; its lowest entry is black and its highest white.
+    """The first VOI LUT, its output scaled over the LUT's declared output range to 8 bits.
+
+    PS3.3 C.11.2.1.1: the third value of the LUT Descriptor is the number of bits of each entry, so the LUT's
+    output range is 0 .. 2**bits - 1 (what DCMTK scales over), not the min..max of the entries it happens to hold.
+    A VOI LUT is indexed by (integer) modality values.
+    """
     output = apply_voi(np.rint(values).astype(np.int64), dataset, index=0).astype(np.float64)
-    item = dataset.VOILUTSequence[0]
-    entries = np.frombuffer(item.LUTData, dtype="<u2") if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
-    low, high = float(entries.min()), float(entries.max())
-    return np.clip((output - low) * (255.0 / max(high - low, 1.0)), 0, 255).round().astype(np.uint8)
+    bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+    if bits != 8 and not 10 <= bits <= 16:  # the depths PS3.3 allows (pydicom refuses the others too)
+        raise ValueError
+    return np.clip(output * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
 
 
 def _apply_first_window_8bit(values: np.ndarray, dataset: Dataset) -> tuple[np.ndarray, dict]:
@@ -694,6 +861,26 @@ def _apply_first_window_8bit(values: np.ndarray, dataset: Dataset) -> tuple[np.n
         "window_width": width,
         "voi_lut_function": function,
     }
+
+
+def _window_8bit(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """One LINEAR window (PS3.3 C.11.2.1.2.1) into 0..255, through pydicom's windowing."""
+    window = Dataset()
+    window.PhotometricInterpretation = "MONOCHROME2"
+    window.BitsStored, window.PixelRepresentation = 8, 0
+    window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center, width, "LINEAR"
+    return np.clip(apply_windowing(values, window), 0, 255).round().astype(np.uint8)
+
+
+def _has_hounsfield_units(dataset: Dataset) -> bool:
+    """CT whose modality rescale is present, so that windows in HU mean what they say."""
+    modality = str(dataset.get("Modality") or "").strip().upper()
+    try:
+        return modality == "CT" and all(
+            math.isfinite(float(dataset.get(keyword))) for keyword in ("RescaleSlope", "RescaleIntercept")
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def _first_value(value) -> float:
@@ -802,9 +989,11 @@ class _library_logs_dropped:  # noqa: N801 - a context manager used like a funct
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "CT_WINDOW_PRESETS",
     "DEFAULT_BACKGROUND",
     "DICOM_METADATA_FIELDS",
     "LoadedImage",
     "dicom_prompt_context",
     "load_image",
+    "parse_ct_windows",
 ]
