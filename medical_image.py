@@ -40,6 +40,7 @@ import math
 import numbers
 import os
 import re
+import struct
 import threading
 import time
 import warnings
@@ -195,6 +196,16 @@ def load_image(
     windows = parse_ct_windows(ct_windows)
     if isinstance(source, LoadedImage):
         return source
+    loaded = _load_any(
+        source, max_bytes, max_pixels, max_decoded_bytes, frame, background, allow_urls, url_timeout_s, windows
+    )
+    if windows is not None and not loaded.is_dicom:
+        loaded.warnings.append(CT_WINDOWS_NOT_APPLIED_WARNING)
+    return loaded
+
+
+def _load_any(source, max_bytes, max_pixels, max_decoded_bytes, frame, background, allow_urls, url_timeout_s, windows):
+    """``load_image`` for every source kind; ``windows`` are the parsed ``ct_windows``."""
     if isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
             raise ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
@@ -406,13 +417,68 @@ def _decode_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
     if problem is not None:  # raised here, not in the except block, so no Pillow message is chained
         raise problem
     with opened:
-        if opened.width * opened.height > max_pixels:
+        if opened.width * opened.height > max_pixels or _largest_frame_pixels(opened, data) > max_pixels:
             raise too_large
         source_format = opened.format
         opened.load()
         notes: list[str] = []
         image = _oriented_rgb(opened, background, notes)
     return LoadedImage(image=image, source_format=source_format, warnings=notes)
+
+
+def _largest_frame_pixels(opened: Image.Image, data: bytes) -> int:
+    """The most pixels any frame of a multi-frame GIF, APNG or TIFF declares, read from headers only.
+
+    Only the first frame is decoded, but Pillow grows a GIF's canvas to every frame's extent and seeking decodes
+    the frames before; each frame's declared size is checked before anything is decoded.
+    """
+    if opened.format == "GIF":
+        return max((width * height for width, height in _gif_frame_extents(data)), default=0)
+    if opened.format == "PNG":
+        return max((width * height for width, height in _apng_frame_sizes(data)), default=0)
+    if opened.format == "TIFF":  # Pillow's TIFF seek reads a directory (IFD), not the strips or tiles
+        largest = 0
+        for index in range(opened.n_frames):
+            opened.seek(index)
+            largest = max(largest, opened.width * opened.height)
+        opened.seek(0)
+        return largest
+    return 0
+
+
+def _gif_frame_extents(data: bytes):
+    """The canvas each GIF image descriptor asks for (left + width, top + height), per the GIF89a block layout."""
+    position = 13  # header (6) and logical screen descriptor (7)
+    if len(data) < position:
+        return
+    if data[10] & 0x80:  # global colour table
+        position += 3 * (2 << (data[10] & 0x07))
+    while position < len(data):
+        introducer = data[position]
+        if introducer == 0x2C and position + 10 <= len(data):  # image descriptor
+            left, top, width, height = struct.unpack_from("<4H", data, position + 1)
+            yield left + width, top + height
+            flags = data[position + 9]
+            position += 10 + (3 * (2 << (flags & 0x07)) if flags & 0x80 else 0) + 1  # local table, LZW code size
+        elif introducer == 0x21:  # extension: label, then data sub-blocks
+            position += 2
+        else:  # trailer (0x3B) or a corrupt stream, which Pillow reports itself
+            return
+        while position < len(data) and data[position]:  # data sub-blocks up to the block terminator
+            position += data[position] + 1
+        position += 1
+
+
+def _apng_frame_sizes(data: bytes):
+    """Width and height of every APNG frame control (fcTL) chunk."""
+    position = 8  # PNG signature
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"fcTL" and position + 20 <= len(data):
+            yield struct.unpack_from(">II", data, position + 12)
+        elif kind == b"IEND":
+            return
+        position += 12 + length
 
 
 def _oriented_rgb(image: Image.Image, background, notes: list[str]) -> Image.Image:
@@ -739,8 +805,8 @@ def _require_decoder(syntax: UID) -> None:
     if not decoder.is_available:
         raise DicomDecoderMissingError(
             f"The DICOM pixel data is compressed as {name} and no decoder for it is installed. "
-            f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (for example "
-            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg), or export the image uncompressed."
+            f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (requirements.txt pins pylibjpeg with "
+            "its libjpeg, openjpeg and rle plugins: pip install -r requirements.txt), or export the image uncompressed."
         )
 
 
