@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import GifImagePlugin, Image, PngImagePlugin, TiffImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
@@ -454,6 +454,65 @@ print(json.dumps({{"outcomes": outcomes, "growth_mb": growth_mb}}))
     assert report["outcomes"] == ["ImageTooLargeError"] * len(cases), report
     # The smallest bomb decodes to 100 MB; a refused one costs a few MB (the file itself, parsers).
     assert report["growth_mb"] < 40, report
+
+
+def _noise_frames(count: int = 3, size: int = 16) -> list[Image.Image]:
+    generator = np.random.default_rng(7)
+    return [Image.fromarray(generator.integers(0, 255, (size, size), dtype=np.uint8)) for _ in range(count)]
+
+
+def _gif_with_large_second_frame(width: int, height: int) -> bytes:
+    """A 3-frame GIF whose second image descriptor declares width x height (its pixels stay 16 x 16)."""
+    frames = [frame.convert("P") for frame in _noise_frames()]
+    data = bytearray(encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10))
+    descriptor = b"\x2c" + struct.pack("<4H", 0, 0, 16, 16)
+    second = data.index(descriptor, data.index(descriptor) + 1)
+    struct.pack_into("<2H", data, second + 5, width, height)
+    return bytes(data)
+
+
+def _apng_with_large_second_frame(width: int, height: int) -> bytes:
+    """A 3-frame APNG whose second frame control chunk (fcTL) declares width x height, with a valid CRC."""
+    frames = _noise_frames()
+    data = bytearray(encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=10))
+    second = data.index(b"fcTL", data.index(b"fcTL") + 1)
+    struct.pack_into(">II", data, second + 8, width, height)
+    struct.pack_into(">I", data, second + 30, zlib.crc32(bytes(data[second : second + 30])))
+    return bytes(data)
+
+
+def _tiff_with_large_second_page(width: int, height: int) -> bytes:
+    """A 3-page TIFF whose second directory (IFD) declares width x height."""
+    frames = _noise_frames()
+    data = bytearray(encode(frames[0], "TIFF", save_all=True, append_images=frames[1:]))
+    assert data[:4] == b"II*\x00"
+    directory = struct.unpack_from("<I", data, 4)[0]
+    directory = struct.unpack_from("<I", data, directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, directory)[0]):
+        offset = directory + 2 + 12 * entry
+        tag, kind = struct.unpack_from("<HH", data, offset)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into("<H" if kind == 3 else "<I", data, offset + 8, width if tag == 256 else height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "build", [_gif_with_large_second_frame, _apng_with_large_second_frame, _tiff_with_large_second_page]
+)
+def test_every_frame_is_checked_against_the_pixel_limit_before_decoding(build, monkeypatch):
+    fine = load_image(build(16, 16))  # the same file with honest frames loads (its first frame)
+    assert fine.image.size == (16, 16)
+    assert Image.open(io.BytesIO(build(16, 16))).n_frames == 3
+    bomb, just_over = build(20000, 20000), build(40, 40)
+    assert Image.open(io.BytesIO(bomb)).size == (16, 16)  # the first frame alone looks harmless
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded despite a frame over the limit"))
+    for plugin_class in (GifImagePlugin.GifImageFile, PngImagePlugin.PngImageFile, TiffImagePlugin.TiffImageFile):
+        monkeypatch.setattr(plugin_class, "load", lambda self: pytest.fail("decoded despite a frame over the limit"))
+    with raises_typed(ImageTooLargeError, match="pixel limit") as raised:
+        load_image(bomb)
+    assert_clean_error(raised.value)
+    with raises_typed(ImageTooLargeError):  # a second frame just over a smaller limit is refused too
+        load_image(just_over, max_pixels=1000)
 
 
 def test_deflated_dicom_loads_when_within_the_cap():
