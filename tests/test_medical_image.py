@@ -774,8 +774,8 @@ def test_malformed_number_of_frames_is_counted_from_the_pixel_data():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's own complaint about "1A"
         dataset = pydicom.dcmread(PYDICOM_FILES / "badVR.dcm")
-    dataset.NumberOfFrames = 15
-    third = dataset.pixel_array[3].astype(float)
+        dataset.NumberOfFrames = 15
+        third = dataset.pixel_array[3].astype(float)
     low, high = np.percentile(third, [0.5, 99.5])
     gray = pixels_of(load_image(PYDICOM_FILES / "badVR.dcm", frame=3))[..., 0].astype(int)
     assert np.abs(gray - to_8bit(third, low, high)).max() <= 1
