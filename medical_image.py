@@ -124,6 +124,10 @@ _PREFERRED_DECODING_PLUGIN = {"1.2.840.10008.1.2.4.50": "pillow"}
 # them) starts with the file meta group (0002) or the identifying group (0008), little or big endian. DCMTK reads
 # such files; these first-tag patterns keep every accepted 2-D format (PNG, JPEG, GIF, BMP, TIFF, WebP) out.
 _BARE_DATASET_GROUPS = ((0x0002, "<"), (0x0008, "<"), (0x0008, ">"))
+JPEG_SCAN_REPAIRED_WARNING = (
+    "Invalid SOS parameters for sequential JPEG: the JPEG scan header was corrected (as DCMTK's decoder does) "
+    "before decoding."
+)
 NO_PREAMBLE_WARNING = (
     "The DICOM file has no 128-byte preamble and 'DICM' marker (not a conformant Part 10 file): it was read as a "
     "bare DICOM dataset, its encoding inferred."
@@ -563,6 +567,7 @@ _PYDICOM_NAMES = frozenset(
         "ExplicitVRLittleEndian",
         "ExplicitVRBigEndian",
         "get_frame",
+        "encapsulate",
         "data_element_generator",
         "MultiValue",
         "apply_color_lut",
@@ -584,7 +589,13 @@ def _import_pydicom() -> None:
     """Bind the pydicom names this module uses, once (a name patched afterwards stays patched)."""
     global _pydicom_imported, dcmread, dictionary_VR, Dataset, get_frame, data_element_generator, MultiValue
     global apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
-    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, FileMetaDataset, generate_fragments
+    global \
+        UID, \
+        DeflatedExplicitVRLittleEndian, \
+        MediaStorageDirectoryStorage, \
+        FileMetaDataset, \
+        generate_fragments, \
+        encapsulate
     global ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
     with _pydicom_lock:
         if _pydicom_imported:
@@ -592,7 +603,7 @@ def _import_pydicom() -> None:
         from pydicom import dcmread
         from pydicom.datadict import dictionary_VR
         from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.encaps import generate_fragments, get_frame
+        from pydicom.encaps import encapsulate, generate_fragments, get_frame
         from pydicom.filereader import data_element_generator
         from pydicom.multival import MultiValue
         from pydicom.pixels import (
@@ -703,7 +714,15 @@ def _decode_dicom(
     preferred = _PREFERRED_DECODING_PLUGIN.get(str(syntax))
     if preferred is not None and preferred in get_decoder(syntax).available_plugins:
         decode_options["decoding_plugin"] = preferred
-    pixels = _guarded(pixel_array, _decode_failure(syntax), dataset, **decode_options)
+    pixels = _guarded(
+        pixel_array, None if syntax in _JPEG_FAMILY else _decode_failure(syntax), dataset, **decode_options
+    )
+    if pixels is None:  # a sequential JPEG that IJG (DCMTK) reads with a warning: repaired, or the typed error
+        repaired = _guarded(_with_sequential_scan_repaired, None, dataset, index, frames)
+        if repaired is None:
+            raise _decode_failure(syntax)
+        notes.append(JPEG_SCAN_REPAIRED_WARNING)
+        pixels = _guarded(pixel_array, _decode_failure(syntax), repaired)
     metadata = _dicom_metadata(dataset, notes)
     image, window = _dicom_pixels_to_rgb(pixels, dataset, notes, ct_windows)
     metadata.update(window)
@@ -808,6 +827,41 @@ def _require_decoder(syntax: UID) -> None:
             f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (requirements.txt pins pylibjpeg with "
             "its libjpeg, openjpeg and rle plugins: pip install -r requirements.txt), or export the image uncompressed."
         )
+
+
+def _with_sequential_scan_repaired(dataset: Dataset, index: int, frames: int) -> Dataset | None:
+    """The frame ``index`` alone, its sequential JPEG scan headers set to Ss=0, Se=63, Ah=Al=0; None if already so.
+
+    A sequential (baseline or extended, SOF0/SOF1) scan must say Ss=0, Se=63, Ah=Al=0 (ISO/IEC 10918-1 B.2.3).
+    Some writers put other values there; IJG, DCMTK's decoder, ignores them with the warning "Invalid SOS
+    parameters for sequential JPEG", while libjpeg refuses the stream. pydicom's NEMA WG04 sample JPEG-lossy.dcm
+    is such a file (Se=0).
+    """
+    stream = bytearray(get_frame(dataset.PixelData, index, number_of_frames=frames))
+    sequential, changed, position = False, False, 2
+    while position + 4 <= len(stream):
+        if stream[position] != 0xFF or stream[position + 1] in (0x00, 0xFF) or 0xD0 <= stream[position + 1] <= 0xD7:
+            position += 1  # entropy-coded data, stuffed bytes, fill bytes, restart markers
+            continue
+        marker, length = stream[position + 1], int.from_bytes(stream[position + 2 : position + 4], "big")
+        if marker == 0xD9:
+            break
+        sequential |= marker in (0xC0, 0xC1)
+        if marker == 0xDA and sequential:
+            spectral = position + 5 + 2 * stream[position + 4]  # after the component selectors
+            if spectral + 3 <= len(stream) and bytes(stream[spectral : spectral + 3]) != b"\x00\x3f\x00":
+                stream[spectral : spectral + 3] = b"\x00\x3f\x00"
+                changed = True
+        position += 2 + length
+    if not changed:
+        return None
+    repaired = dataset.copy()
+    repaired.PixelData = encapsulate([bytes(stream)])
+    repaired.NumberOfFrames = 1
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in repaired:
+            del repaired[keyword]
+    return repaired
 
 
 def _decode_failure(syntax: UID) -> InvalidImageError:

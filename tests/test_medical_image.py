@@ -24,7 +24,7 @@ import pydicom
 import pytest
 from PIL import GifImagePlugin, Image, PngImagePlugin, TiffImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -724,6 +724,16 @@ def test_every_compressed_syntax_decodes_with_the_pinned_plugins():
     assert near.metadata["transfer_syntax"] == "JPEG-LS Lossy (Near-Lossless) Image Compression"
     extended = load_image(PYDICOM_FILES / "JPGExtended.dcm")
     assert extended.metadata["bits_stored"] == 12 and pixels_of(extended).std() > 10
+    # Its original, whose scan header says Se=0 (DCMTK warns and reads it): corrected, the same pixels, a warning.
+    original = load_image(PYDICOM_FILES / "JPEG-lossy.dcm")
+    assert np.array_equal(pixels_of(original), pixels_of(extended)) and not extended.warnings
+    assert original.warnings == [medical_image.JPEG_SCAN_REPAIRED_WARNING]
+    # A JPEG stream cut inside its headers is not repairable: the typed error, nothing chained.
+    cut = pydicom.dcmread(PYDICOM_FILES / "JPEG-lossy.dcm")
+    cut.PixelData = encapsulate([next(generate_frames(cut.PixelData, number_of_frames=1))[:120]])
+    with raises_typed(InvalidImageError, match="could not be decoded") as raised:
+        load_image(dicom_bytes(cut))
+    assert_clean_error(raised.value)
     rct = load_image(PYDICOM_FILES / "GDCMJ2K_TextGBR.dcm")
     assert rct.metadata["photometric_interpretation"] == "YBR_RCT"
     colours = pixels_of(rct).astype(int)
