@@ -7,9 +7,10 @@ grayscale or H x W x 3/4), base64 and ``data:`` URI strings. URLs are refused un
 (``allow_urls=True``, meant for a CLI; a server must not fetch arbitrary addresses), and then they are
 fetched with a total time limit and the byte cap.
 
-Formats are decided by content, never by name: DICOM Part 10 files (``DICM`` at byte 128) and the 2-D
-formats in ``ALLOWED_FORMATS``. Byte and pixel caps are checked before any decoding; Pillow's
-decompression-bomb warning is an error.
+Formats are decided by content, never by name: DICOM Part 10 files (``DICM`` at byte 128; a dataset without
+the preamble is read too, with a warning) and the 2-D formats in ``ALLOWED_FORMATS``. Byte and pixel caps are
+checked before any decoding (every frame of a multi-frame GIF, APNG or TIFF); Pillow's decompression-bomb
+warning is an error.
 
 2-D images: 16-bit, 32-bit and float grayscale is rescaled to 8 bits with a percentile window (not
 clipped); transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is composited on
@@ -17,10 +18,12 @@ clipped); transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is comp
 modes become RGB; EXIF orientation is applied (a malformed EXIF block keeps the stored orientation and
 adds a warning).
 
-DICOM (pydicom's own functions): Modality LUT / rescale -> VOI LUT, or the first window of the header, or
-a percentile window when there is none -> MONOCHROME1 inverted after the VOI step -> 8-bit RGB. Colour
-(RGB, YBR_*, PALETTE COLOR) is converted to RGB. One frame of a multi-frame object is decoded (the middle
-one unless ``frame`` says otherwise). The header's geometry is checked against the caps before decoding.
+DICOM (pydicom's own functions and its pylibjpeg plugins, every transfer syntax DCMTK renders): Modality LUT /
+rescale -> VOI LUT (scaled over its declared output range), or the first window of the header, or a percentile
+window when there is none -> MONOCHROME1 inverted after the VOI step -> 8-bit RGB; or, for CT with
+``ct_windows``, three windows in R, G and B. Colour (RGB, YBR_*, PALETTE COLOR) is converted to RGB. One frame
+of a multi-frame object is decoded (the middle one unless ``frame`` says otherwise). The header's geometry is
+checked against the caps before decoding.
 
 Privacy: only the technical fields in ``DICOM_METADATA_FIELDS`` (and the window actually applied) reach
 ``LoadedImage.metadata``; anything that could identify a patient (names, IDs, dates, institutions,
@@ -123,7 +126,7 @@ _PREFERRED_DECODING_PLUGIN = {"1.2.840.10008.1.2.4.50": "pillow"}
 # A dataset stored without the 128-byte preamble and "DICM" (ACR-NEMA style, or a Part 10 writer that skipped
 # them) starts with the file meta group (0002) or the identifying group (0008), little or big endian. DCMTK reads
 # such files; these first-tag patterns keep every accepted 2-D format (PNG, JPEG, GIF, BMP, TIFF, WebP) out.
-_BARE_DATASET_GROUPS = ((0x0002, "<"), (0x0008, "<"), (0x0008, ">"))
+_BARE_DATASET_GROUPS = ((0x0002, "little"), (0x0008, "little"), (0x0008, "big"))
 JPEG_SCAN_REPAIRED_WARNING = (
     "Invalid SOS parameters for sequential JPEG: the JPEG scan header was corrected (as DCMTK's decoder does) "
     "before decoding."
@@ -589,14 +592,8 @@ def _import_pydicom() -> None:
     """Bind the pydicom names this module uses, once (a name patched afterwards stays patched)."""
     global _pydicom_imported, dcmread, dictionary_VR, Dataset, get_frame, data_element_generator, MultiValue
     global apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
-    global \
-        UID, \
-        DeflatedExplicitVRLittleEndian, \
-        MediaStorageDirectoryStorage, \
-        FileMetaDataset, \
-        generate_fragments, \
-        encapsulate
-    global ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
+    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, FileMetaDataset
+    global generate_fragments, encapsulate, ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
     with _pydicom_lock:
         if _pydicom_imported:
             return
@@ -641,17 +638,10 @@ def _is_bare_dicom_dataset(data: bytes) -> bool:
     """A dataset without the preamble: its first tag is in group 0002 or 0008, with a small element number."""
     if len(data) < 8:
         return False
-    for group, order in _BARE_DATASET_GROUPS:
-        first_group, first_element = (
-            int.from_bytes(data[0:2], _BYTE_ORDER[order]),
-            int.from_bytes(data[2:4], _BYTE_ORDER[order]),
-        )
-        if first_group == group and first_element < 0x0100:
-            return True
-    return False
-
-
-_BYTE_ORDER = {"<": "little", ">": "big"}
+    return any(
+        int.from_bytes(data[0:2], order) == group and int.from_bytes(data[2:4], order) < 0x0100
+        for group, order in _BARE_DATASET_GROUPS
+    )
 
 
 def _load_dicom(
