@@ -1,12 +1,14 @@
 """DCMTK as the reference renderer: the project's DICOM rendering agrees with it within 1 gray level.
 
 Every file of pydicom's own test set (read from the installed package on disk, never through its download
-helper) that DCMTK renders, plus a few cases of our own (DCMTK-encoded JPEG Lossless SV1 and JPEG-LS, a VOI LUT,
-files without the preamble), is rendered by DCMTK (``dcm2pnm``; ``dcmj2pnm`` for JPEG, ``dcml2pnm`` for JPEG-LS;
-JPEG 2000 through ``gdcmconv --raw`` first, as DCMTK has no free JPEG 2000 codec) and by ``load_image``, with the
-same frame and the same VOI choice (``+Wl 1`` for a VOI LUT, ``+Wi 1`` for the header's first window, otherwise
-the project's window given to DCMTK explicitly). 1 gray level is the honest tolerance: both apply the same
-real-valued mapping, one rounds and the other truncates.
+helper) that DCMTK renders, plus a few cases of our own (DCMTK-encoded JPEG Lossless SV1, 12-bit JPEG Extended
+and JPEG-LS lossless / near-lossless, a VOI LUT, files without the preamble), is rendered by DCMTK (``dcm2pnm``;
+``dcmj2pnm`` for JPEG, ``dcml2pnm`` for JPEG-LS; JPEG 2000 through ``gdcmconv --raw`` first, as DCMTK has no
+free JPEG 2000 codec) and by ``load_image``, with the same frame and the same VOI choice (``+Wl 1`` for a VOI
+LUT, ``+Wi 1`` for the header's first window, otherwise the project's window given to DCMTK explicitly).
+1 gray level is the honest tolerance: both apply the same real-valued mapping, one rounds and the other
+truncates. Nothing is excluded: 32-bit big-endian OW pixel data, which DCMTK reads as 16-bit words, is given to
+DCMTK with its 16-bit halves swapped (see ``dcmtk_input``).
 
 `make test` installs DCMTK and GDCM's tools (Debian packages dcmtk and libgdcm-tools); without them the test is
 skipped with that reason.
@@ -162,8 +164,9 @@ def test_pydicom_test_files_render_as_dcmtk_renders_them(work):
         if problem is not None:
             problems[str(path.relative_to(PYDICOM_FILES))] = problem
     assert not problems, problems
-    # The comparison ran on the files it should have (DCMTK renders RENDERED_BY_DCMTK of pydicom 3.0.2's files).
-    assert rendered == RENDERED_BY_DCMTK, rendered
+    # The comparison ran on the files it should have: DCMTK 3.6.7 renders 90 of pydicom 3.0.2's test files (a
+    # newer DCMTK may render more; each of those must agree too).
+    assert rendered >= RENDERED_BY_DCMTK, rendered
 
 
 # ------------------------------------------------------------------------------------------ our own cases
