@@ -7,8 +7,9 @@ and JPEG-LS lossless / near-lossless, a VOI LUT, files without the preamble), is
 free JPEG 2000 codec) and by ``load_image``, with the same frame and the same VOI choice (``+Wl 1`` for a VOI
 LUT, ``+Wi 1`` for the header's first window, otherwise the project's window given to DCMTK explicitly).
 1 gray level is the honest tolerance: both apply the same real-valued mapping, one rounds and the other
-truncates. Nothing is excluded: 32-bit big-endian OW pixel data, which DCMTK reads as 16-bit words, is given to
-DCMTK with its 16-bit halves swapped (see ``dcmtk_input``).
+truncates (12-bit lossy JPEG gets a bounded step more, see ``LOSSY_12_BIT_JPEG``). Nothing is excluded: 32-bit
+big-endian OW pixel data, which DCMTK reads as 16-bit words, is given to DCMTK with its 16-bit halves swapped
+(see ``dcmtk_input``).
 
 `make test` installs DCMTK and GDCM's tools (Debian packages dcmtk and libgdcm-tools); without them the test is
 skipped with that reason.
