@@ -17,7 +17,7 @@ PLAYWRIGHT_CORE_VERSION := 1.65.1
 COMPAT_VENV ?= .venv-tf451
 COMPAT_STAMP := $(COMPAT_VENV)/.installed-stamp
 
-.PHONY: install demo test lint format clean browser-deps compat-venv
+.PHONY: install demo test lint format clean browser-deps compat-venv dicom-deps
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,15 @@ $(PLAYWRIGHT_CORE):
 
 browser-deps: /usr/bin/chromium $(PLAYWRIGHT_CORE)
 
-test: $(STAMP) $(COMPAT_STAMP) browser-deps
+# tests/test_dicom_dcmtk.py compares the DICOM rendering with DCMTK's (dcm2pnm, dcmj2pnm, dcml2pnm); DCMTK has
+# no free JPEG 2000 codec, so GDCM's gdcmconv decompresses those files for it first.
+DICOM_TOOLS := dcmtk libgdcm-tools
+/usr/bin/dcm2pnm /usr/bin/gdcmconv:
+	apt-get install -y --no-install-recommends $(DICOM_TOOLS) || (apt-get update && apt-get install -y --no-install-recommends $(DICOM_TOOLS))
+
+dicom-deps: /usr/bin/dcm2pnm /usr/bin/gdcmconv
+
+test: $(STAMP) $(COMPAT_STAMP) browser-deps dicom-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

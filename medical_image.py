@@ -7,9 +7,10 @@ grayscale or H x W x 3/4), base64 and ``data:`` URI strings. URLs are refused un
 (``allow_urls=True``, meant for a CLI; a server must not fetch arbitrary addresses), and then they are
 fetched with a total time limit and the byte cap.
 
-Formats are decided by content, never by name: DICOM Part 10 files (``DICM`` at byte 128) and the 2-D
-formats in ``ALLOWED_FORMATS``. Byte and pixel caps are checked before any decoding; Pillow's
-decompression-bomb warning is an error.
+Formats are decided by content, never by name: DICOM Part 10 files (``DICM`` at byte 128; a dataset without
+the preamble is read too, with a warning) and the 2-D formats in ``ALLOWED_FORMATS``. Byte and pixel caps are
+checked before any decoding (every frame of a multi-frame GIF, APNG or TIFF); Pillow's decompression-bomb
+warning is an error.
 
 2-D images: 16-bit, 32-bit and float grayscale is rescaled to 8 bits with a percentile window (not
 clipped); transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is composited on
@@ -17,10 +18,12 @@ clipped); transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is comp
 modes become RGB; EXIF orientation is applied (a malformed EXIF block keeps the stored orientation and
 adds a warning).
 
-DICOM (pydicom's own functions): Modality LUT / rescale -> VOI LUT, or the first window of the header, or
-a percentile window when there is none -> MONOCHROME1 inverted after the VOI step -> 8-bit RGB. Colour
-(RGB, YBR_*, PALETTE COLOR) is converted to RGB. One frame of a multi-frame object is decoded (the middle
-one unless ``frame`` says otherwise). The header's geometry is checked against the caps before decoding.
+DICOM (pydicom's own functions and its pylibjpeg plugins, every transfer syntax DCMTK renders): Modality LUT /
+rescale -> VOI LUT (scaled over its declared output range), or the first window of the header, or a percentile
+window when there is none -> MONOCHROME1 inverted after the VOI step -> 8-bit RGB; or, for CT with
+``ct_windows``, three windows in R, G and B. Colour (RGB, YBR_*, PALETTE COLOR) is converted to RGB. One frame
+of a multi-frame object is decoded (the middle one unless ``frame`` says otherwise). The header's geometry is
+checked against the caps before decoding.
 
 Privacy: only the technical fields in ``DICOM_METADATA_FIELDS`` (and the window actually applied) reach
 ``LoadedImage.metadata``; anything that could identify a patient (names, IDs, dates, institutions,
@@ -40,6 +43,7 @@ import math
 import numbers
 import os
 import re
+import struct
 import threading
 import time
 import warnings
@@ -55,6 +59,7 @@ try:
         ImageInputError,
         ImageTooLargeError,
         ImageURLNotAllowedError,
+        InputError,
         InvalidImageError,
         UnsupportedImageFormatError,
     )
@@ -64,6 +69,7 @@ except ImportError:  # imported from a checkout as a top-level module
         ImageInputError,
         ImageTooLargeError,
         ImageURLNotAllowedError,
+        InputError,
         InvalidImageError,
         UnsupportedImageFormatError,
     )
@@ -113,6 +119,40 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _JPEG_FAMILY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
 _JPEG2000_FAMILY = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+# pydicom tries pylibjpeg before Pillow for 8-bit JPEG Baseline. Pillow (libjpeg-turbo, of the IJG line that DCMTK
+# builds on) reproduces DCMTK's rendering of lossy baseline JPEG exactly; pylibjpeg-libjpeg's IDCT and colour
+# rounding differ by up to 3 gray levels. pylibjpeg still decodes 12-bit JPEG Extended, lossless JPEG and JPEG-LS.
+_PREFERRED_DECODING_PLUGIN = {"1.2.840.10008.1.2.4.50": "pillow"}
+# A dataset stored without the 128-byte preamble and "DICM" (ACR-NEMA style, or a Part 10 writer that skipped
+# them) starts with the file meta group (0002) or the identifying group (0008), little or big endian. DCMTK reads
+# such files; these first-tag patterns keep every accepted 2-D format (PNG, JPEG, GIF, BMP, TIFF, WebP) out.
+_BARE_DATASET_GROUPS = ((0x0002, "little"), (0x0008, "little"), (0x0008, "big"))
+JPEG_SCAN_REPAIRED_WARNING = (
+    "Invalid SOS parameters for sequential JPEG: the JPEG scan header was corrected (as DCMTK's decoder does) "
+    "before decoding."
+)
+NO_PREAMBLE_WARNING = (
+    "The DICOM file has no 128-byte preamble and 'DICM' marker (not a conformant Part 10 file): it was read as a "
+    "bare DICOM dataset, its encoding inferred."
+)
+
+# CT windows in HU as (center, width): the typical values listed by Radiopaedia's "Windowing (CT)" article
+# (radiopaedia.org/articles/windowing-ct). ``ct_windows`` packs three of them into R, G and B, the way MedGemma
+# feeds CT to its vision encoder.
+CT_WINDOW_PRESETS = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+}
+CT_WINDOWS_NOT_APPLIED_WARNING = (
+    "ct_windows applies to CT images with a modality rescale (HU) only: this image got its single window instead."
+)
 
 
 @dataclass
@@ -142,6 +182,7 @@ def load_image(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     allow_urls: bool = False,
     url_timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+    ct_windows=None,
 ) -> LoadedImage:
     """Load ``source`` into an 8-bit RGB image, or raise a typed ``ImageInputError``.
 
@@ -155,9 +196,23 @@ def load_image(
         background: RGB colour that transparent pixels are composited on.
         allow_urls: fetch http(s) URLs (for a CLI; leave off in a server).
         url_timeout_s: total time limit of a URL download.
+        ct_windows: ``None`` (one window, the default) or three CT windows packed into R, G and B, each a name
+            from ``CT_WINDOW_PRESETS`` or a ``(center, width)`` pair in HU. Only for CT with a modality rescale;
+            any other image gets its single window and a warning.
     """
+    windows = parse_ct_windows(ct_windows)
     if isinstance(source, LoadedImage):
         return source
+    loaded = _load_any(
+        source, max_bytes, max_pixels, max_decoded_bytes, frame, background, allow_urls, url_timeout_s, windows
+    )
+    if windows is not None and not loaded.is_dicom:
+        loaded.warnings.append(CT_WINDOWS_NOT_APPLIED_WARNING)
+    return loaded
+
+
+def _load_any(source, max_bytes, max_pixels, max_decoded_bytes, frame, background, allow_urls, url_timeout_s, windows):
+    """``load_image`` for every source kind; ``windows`` are the parsed ``ct_windows``."""
     if isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
             raise ImageTooLargeError(f"The image has more than the {max_pixels}-pixel limit.")
@@ -171,9 +226,44 @@ def load_image(
         return LoadedImage(image=_from_array(source, max_pixels, background), source_format="array")
 
     data = _read_source_bytes(source, max_bytes, allow_urls, url_timeout_s)
-    if _is_dicom(data):
-        return _load_dicom(data, frame=frame, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded=max_decoded_bytes)
+    if _is_dicom(data) or _is_bare_dicom_dataset(data):
+        return _load_dicom(
+            data,
+            frame=frame,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_decoded=max_decoded_bytes,
+            ct_windows=windows,
+        )
     return _load_2d(data, max_pixels, background)
+
+
+def parse_ct_windows(value) -> tuple[tuple[float, float], ...] | None:
+    """``ct_windows`` as three ``(center, width)`` pairs in HU, or ``None``; a bad value is an ``InputError``."""
+    if value is None:
+        return None
+    problem = InputError(
+        "ct_windows must be None or three CT windows, each a preset name "
+        f"({', '.join(CT_WINDOW_PRESETS)}) or a (center, width) pair in HU with width >= 1."
+    )
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise problem
+    windows = []
+    for window in value:
+        if isinstance(window, str) and window.strip().lower() in CT_WINDOW_PRESETS:
+            windows.append(CT_WINDOW_PRESETS[window.strip().lower()])
+            continue
+        if isinstance(window, (list, tuple)) and len(window) == 2 and all(_is_real(number) for number in window):
+            center, width = float(window[0]), float(window[1])
+            if math.isfinite(center) and math.isfinite(width) and width >= 1:
+                windows.append((center, width))
+                continue
+        raise problem
+    return tuple(windows)
+
+
+def _is_real(number) -> bool:
+    return isinstance(number, numbers.Real) and not isinstance(number, bool)
 
 
 def dicom_prompt_context(metadata: dict) -> str | None:
@@ -334,13 +424,68 @@ def _decode_2d(data: bytes, max_pixels: int, background) -> LoadedImage:
     if problem is not None:  # raised here, not in the except block, so no Pillow message is chained
         raise problem
     with opened:
-        if opened.width * opened.height > max_pixels:
+        if opened.width * opened.height > max_pixels or _largest_frame_pixels(opened, data) > max_pixels:
             raise too_large
         source_format = opened.format
         opened.load()
         notes: list[str] = []
         image = _oriented_rgb(opened, background, notes)
     return LoadedImage(image=image, source_format=source_format, warnings=notes)
+
+
+def _largest_frame_pixels(opened: Image.Image, data: bytes) -> int:
+    """The most pixels any frame of a multi-frame GIF, APNG or TIFF declares, read from headers only.
+
+    Only the first frame is decoded, but Pillow grows a GIF's canvas to every frame's extent and seeking decodes
+    the frames before; each frame's declared size is checked before anything is decoded.
+    """
+    if opened.format == "GIF":
+        return max((width * height for width, height in _gif_frame_extents(data)), default=0)
+    if opened.format == "PNG":
+        return max((width * height for width, height in _apng_frame_sizes(data)), default=0)
+    if opened.format == "TIFF":  # Pillow's TIFF seek reads a directory (IFD), not the strips or tiles
+        largest = 0
+        for index in range(opened.n_frames):
+            opened.seek(index)
+            largest = max(largest, opened.width * opened.height)
+        opened.seek(0)
+        return largest
+    return 0
+
+
+def _gif_frame_extents(data: bytes):
+    """The canvas each GIF image descriptor asks for (left + width, top + height), per the GIF89a block layout."""
+    position = 13  # header (6) and logical screen descriptor (7)
+    if len(data) < position:
+        return
+    if data[10] & 0x80:  # global colour table
+        position += 3 * (2 << (data[10] & 0x07))
+    while position < len(data):
+        introducer = data[position]
+        if introducer == 0x2C and position + 10 <= len(data):  # image descriptor
+            left, top, width, height = struct.unpack_from("<4H", data, position + 1)
+            yield left + width, top + height
+            flags = data[position + 9]
+            position += 10 + (3 * (2 << (flags & 0x07)) if flags & 0x80 else 0) + 1  # local table, LZW code size
+        elif introducer == 0x21:  # extension: label, then data sub-blocks
+            position += 2
+        else:  # trailer (0x3B) or a corrupt stream, which Pillow reports itself
+            return
+        while position < len(data) and data[position]:  # data sub-blocks up to the block terminator
+            position += data[position] + 1
+        position += 1
+
+
+def _apng_frame_sizes(data: bytes):
+    """Width and height of every APNG frame control (fcTL) chunk."""
+    position = 8  # PNG signature
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"fcTL" and position + 20 <= len(data):
+            yield struct.unpack_from(">II", data, position + 12)
+        elif kind == b"IEND":
+            return
+        position += 12 + length
 
 
 def _oriented_rgb(image: Image.Image, background, notes: list[str]) -> Image.Image:
@@ -419,7 +564,13 @@ _PYDICOM_NAMES = frozenset(
         "dcmread",
         "dictionary_VR",
         "Dataset",
+        "FileMetaDataset",
+        "generate_fragments",
+        "ImplicitVRLittleEndian",
+        "ExplicitVRLittleEndian",
+        "ExplicitVRBigEndian",
         "get_frame",
+        "encapsulate",
         "data_element_generator",
         "MultiValue",
         "apply_color_lut",
@@ -441,14 +592,15 @@ def _import_pydicom() -> None:
     """Bind the pydicom names this module uses, once (a name patched afterwards stays patched)."""
     global _pydicom_imported, dcmread, dictionary_VR, Dataset, get_frame, data_element_generator, MultiValue
     global apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
-    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+    global UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, FileMetaDataset
+    global generate_fragments, encapsulate, ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
     with _pydicom_lock:
         if _pydicom_imported:
             return
         from pydicom import dcmread
         from pydicom.datadict import dictionary_VR
-        from pydicom.dataset import Dataset
-        from pydicom.encaps import get_frame
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.encaps import encapsulate, generate_fragments, get_frame
         from pydicom.filereader import data_element_generator
         from pydicom.multival import MultiValue
         from pydicom.pixels import (
@@ -459,7 +611,14 @@ def _import_pydicom() -> None:
             get_decoder,
             pixel_array,
         )
-        from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+        from pydicom.uid import (
+            UID,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            MediaStorageDirectoryStorage,
+        )
 
         _pydicom_imported = True
 
@@ -475,7 +634,19 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
+def _is_bare_dicom_dataset(data: bytes) -> bool:
+    """A dataset without the preamble: its first tag is in group 0002 or 0008, with a small element number."""
+    if len(data) < 8:
+        return False
+    return any(
+        int.from_bytes(data[0:2], order) == group and int.from_bytes(data[2:4], order) < 0x0100
+        for group, order in _BARE_DATASET_GROUPS
+    )
+
+
+def _load_dicom(
+    data: bytes, *, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int, ct_windows=None
+) -> LoadedImage:
     _import_pydicom()
     # pydicom's warnings quote element values too: they are dropped, not recorded.
     with _library_logs_dropped(), warnings.catch_warnings():
@@ -488,15 +659,30 @@ def _load_dicom(data: bytes, *, frame: int | None, max_bytes: int, max_pixels: i
             max_bytes,
             max_pixels,
             max_decoded,
+            ct_windows,
         )
 
 
-def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int) -> LoadedImage:
-    transfer_syntax, meta_end = _file_meta_transfer_syntax(data)
+def _decode_dicom(
+    data: bytes, frame: int | None, max_bytes: int, max_pixels: int, max_decoded: int, ct_windows=None
+) -> LoadedImage:
+    notes: list[str] = []
+    part10 = _is_dicom(data)
+    if not part10:
+        notes.append(NO_PREAMBLE_WARNING)
+    transfer_syntax, meta_end = _file_meta_transfer_syntax(data, 132 if part10 else 0)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         _check_inflated_size(data[meta_end:], max_bytes)
-    dataset = dcmread(io.BytesIO(data))
-    file_meta = getattr(dataset, "file_meta", Dataset())
+    dataset = dcmread(io.BytesIO(data), force=not part10)
+    file_meta = getattr(dataset, "file_meta", None)
+    if file_meta is None:
+        dataset.file_meta = file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in file_meta and dataset.original_encoding[0] is not None:
+        # No file meta: the syntax is the encoding pydicom detected while reading (DCMTK infers it the same way).
+        implicit, little = dataset.original_encoding
+        file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
     if file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in dataset:
         raise UnsupportedImageFormatError(
             "This is a DICOMDIR (an index of a DICOM medium), not an image: pass one of the image files it lists."
@@ -507,17 +693,28 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
             "truncated before its pixel data."
         )
 
-    frames = _checked_geometry(dataset, max_pixels, max_decoded)
-    index = _frame_index(frame, frames)
     syntax = UID(str(file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    frames = _checked_geometry(dataset, syntax, max_pixels, max_decoded, notes)
+    index = _frame_index(frame, frames)
     _require_decoder(syntax)
     if syntax in _JPEG_FAMILY + _JPEG2000_FAMILY and "PixelData" in dataset:
         _check_encapsulated_frame(dataset.PixelData, index, frames, max_pixels)
 
-    pixels = _guarded(pixel_array, _decode_failure(syntax), dataset, index=index if frames > 1 else None)
-    notes: list[str] = []
+    decode_options = {"index": index if frames > 1 else None}
+    preferred = _PREFERRED_DECODING_PLUGIN.get(str(syntax))
+    if preferred is not None and preferred in get_decoder(syntax).available_plugins:
+        decode_options["decoding_plugin"] = preferred
+    pixels = _guarded(
+        pixel_array, None if syntax in _JPEG_FAMILY else _decode_failure(syntax), dataset, **decode_options
+    )
+    if pixels is None:  # a sequential JPEG that IJG (DCMTK) reads with a warning: repaired, or the typed error
+        repaired = _guarded(_with_sequential_scan_repaired, None, dataset, index, frames)
+        if repaired is None:
+            raise _decode_failure(syntax)
+        notes.append(JPEG_SCAN_REPAIRED_WARNING)
+        pixels = _guarded(pixel_array, _decode_failure(syntax), repaired)
     metadata = _dicom_metadata(dataset, notes)
-    image, window = _dicom_pixels_to_rgb(pixels, dataset, notes)
+    image, window = _dicom_pixels_to_rgb(pixels, dataset, notes, ct_windows)
     metadata.update(window)
     if syntax.is_transfer_syntax:
         metadata["transfer_syntax"] = syntax.name
@@ -529,10 +726,10 @@ def _decode_dicom(data: bytes, frame: int | None, max_bytes: int, max_pixels: in
     return LoadedImage(image=image, source_format="DICOM", metadata=metadata, warnings=notes)
 
 
-def _file_meta_transfer_syntax(data: bytes) -> tuple[str | None, int]:
+def _file_meta_transfer_syntax(data: bytes, meta_start: int = 132) -> tuple[str | None, int]:
     """The transfer syntax UID of the file meta (group 0002) and where the dataset starts."""
     stream = io.BytesIO(data)
-    stream.seek(132)
+    stream.seek(meta_start)
     syntax = None
     for element in data_element_generator(stream, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2):
         if element.tag == 0x00020010 and isinstance(element.value, bytes):
@@ -551,18 +748,45 @@ def _check_inflated_size(deflated: bytes, max_bytes: int) -> None:
         raise ImageTooLargeError(f"The inflated DICOM dataset is larger than the {max_bytes}-byte limit.")
 
 
-def _checked_geometry(dataset: Dataset, max_pixels: int, max_decoded: int) -> int:
+def _checked_geometry(dataset: Dataset, syntax: UID, max_pixels: int, max_decoded: int, notes: list[str]) -> int:
     """Rows x columns against the pixel cap, the declared pixel data against the byte cap; the frame count."""
     rows, columns = int(dataset.Rows), int(dataset.Columns)
-    frames = int(dataset.get("NumberOfFrames") or 1)
     samples = int(dataset.get("SamplesPerPixel") or 1)
     bits = int(dataset.BitsAllocated)
-    if min(rows, columns, frames) < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+    if min(rows, columns) < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise InvalidImageError("The DICOM image geometry in the header is invalid.")
+    frames = _number_of_frames(dataset, syntax, rows * columns * samples * bits, notes)
+    if frames < 1:
         raise InvalidImageError("The DICOM image geometry in the header is invalid.")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
     if math.ceil(rows * columns * frames * samples * bits / 8) > max_decoded:
         raise ImageTooLargeError(f"The DICOM header declares more than {max_decoded} bytes of pixel data.")
+    return frames
+
+
+def _number_of_frames(dataset: Dataset, syntax: UID, frame_bits: int, notes: list[str]) -> int:
+    """Number of Frames, or, when its value is malformed (e.g. "1A"), the count the pixel data holds.
+
+    DCMTK renders such a file; the count is taken from the native pixel data's length (or one frame per
+    fragment of encapsulated data) and written back so pydicom decodes the same frames.
+    """
+    declared = dataset.get("NumberOfFrames")
+    if declared is None or declared == "":
+        return 1
+    try:
+        return int(declared)
+    except (TypeError, ValueError):
+        pass
+    pixel_data = dataset.get("PixelData")
+    if pixel_data is None:
+        frames = 1
+    elif syntax.is_compressed:
+        frames = max(1, sum(1 for _ in generate_fragments(pixel_data)))
+    else:
+        frames = max(1, len(pixel_data) * 8 // max(frame_bits, 1))
+    notes.append(f"The DICOM header's number of frames is malformed: {frames} frame(s) read from the pixel data.")
+    dataset.NumberOfFrames = frames
     return frames
 
 
@@ -590,9 +814,44 @@ def _require_decoder(syntax: UID) -> None:
     if not decoder.is_available:
         raise DicomDecoderMissingError(
             f"The DICOM pixel data is compressed as {name} and no decoder for it is installed. "
-            f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (for example "
-            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg), or export the image uncompressed."
+            f"Install one of: {'; '.join(_missing_decoder_packages(syntax))} (requirements.txt pins pylibjpeg with "
+            "its libjpeg, openjpeg and rle plugins: pip install -r requirements.txt), or export the image uncompressed."
         )
+
+
+def _with_sequential_scan_repaired(dataset: Dataset, index: int, frames: int) -> Dataset | None:
+    """The frame ``index`` alone, its sequential JPEG scan headers set to Ss=0, Se=63, Ah=Al=0; None if already so.
+
+    A sequential (baseline or extended, SOF0/SOF1) scan must say Ss=0, Se=63, Ah=Al=0 (ISO/IEC 10918-1 B.2.3).
+    Some writers put other values there; IJG, DCMTK's decoder, ignores them with the warning "Invalid SOS
+    parameters for sequential JPEG", while libjpeg refuses the stream. pydicom's NEMA WG04 sample JPEG-lossy.dcm
+    is such a file (Se=0).
+    """
+    stream = bytearray(get_frame(dataset.PixelData, index, number_of_frames=frames))
+    sequential, changed, position = False, False, 2
+    while position + 4 <= len(stream):
+        if stream[position] != 0xFF or stream[position + 1] in (0x00, 0xFF) or 0xD0 <= stream[position + 1] <= 0xD7:
+            position += 1  # entropy-coded data, stuffed bytes, fill bytes, restart markers
+            continue
+        marker, length = stream[position + 1], int.from_bytes(stream[position + 2 : position + 4], "big")
+        if marker == 0xD9:
+            break
+        sequential |= marker in (0xC0, 0xC1)
+        if marker == 0xDA and sequential:
+            spectral = position + 5 + 2 * stream[position + 4]  # after the component selectors
+            if spectral + 3 <= len(stream) and bytes(stream[spectral : spectral + 3]) != b"\x00\x3f\x00":
+                stream[spectral : spectral + 3] = b"\x00\x3f\x00"
+                changed = True
+        position += 2 + length
+    if not changed:
+        return None
+    repaired = dataset.copy()
+    repaired.PixelData = encapsulate([bytes(stream)])
+    repaired.NumberOfFrames = 1
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in repaired:
+            del repaired[keyword]
+    return repaired
 
 
 def _decode_failure(syntax: UID) -> InvalidImageError:
@@ -623,15 +882,28 @@ def _check_encapsulated_frame(pixel_data: bytes, index: int, frames: int, max_pi
         raise ImageTooLargeError(f"The DICOM image has more than the {max_pixels}-pixel limit per frame.")
 
 
-def _dicom_pixels_to_rgb(pixels: np.ndarray, dataset: Dataset, notes: list[str]) -> tuple[Image.Image, dict]:
+def _dicom_pixels_to_rgb(
+    pixels: np.ndarray, dataset: Dataset, notes: list[str], ct_windows=None
+) -> tuple[Image.Image, dict]:
     photometric = str(dataset.get("PhotometricInterpretation") or "MONOCHROME2").strip()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim != 2:
             raise InvalidImageError("The DICOM grayscale pixel data does not have one sample per pixel.")
-        gray, window = _voi_to_8bit(apply_modality_lut(pixels, dataset), dataset, notes)
+        values = apply_modality_lut(pixels, dataset)
+        if ct_windows is not None and _has_hounsfield_units(dataset):
+            channels = [_window_8bit(values, center, width) for center, width in ct_windows]
+            return Image.fromarray(np.stack(channels, axis=-1), mode="RGB"), {
+                "window_source": "ct_windows",
+                "ct_windows": [list(window) for window in ct_windows],
+            }
+        if ct_windows is not None:
+            notes.append(CT_WINDOWS_NOT_APPLIED_WARNING)
+        gray, window = _voi_to_8bit(values, dataset, notes)
         if photometric == "MONOCHROME1":  # low values are bright: inverted after the VOI step (PS3.3 C.7.6.3.1.2)
             gray = 255 - gray
         return _gray_to_rgb(gray), window
+    if ct_windows is not None:
+        notes.append(CT_WINDOWS_NOT_APPLIED_WARNING)
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, dataset)
         depth = 8 if pixels.dtype == np.uint8 else 16
@@ -670,12 +942,17 @@ def _voi_to_8bit(values: np.ndarray, dataset: Dataset, notes: list[str]) -> tupl
 
 
 def _apply_voi_lut_8bit(values: np.ndarray, dataset: Dataset) -> np.ndarray:
-    # A VOI LUT is indexed by (integer) modality values; its lowest entry is black and its highest white.
+    """The first VOI LUT, its output scaled over the LUT's declared output range to 8 bits.
+
+    PS3.3 C.11.2.1.1: the third value of the LUT Descriptor is the number of bits of each entry, so the LUT's
+    output range is 0 .. 2**bits - 1 (what DCMTK scales over), not the min..max of the entries it happens to hold.
+    A VOI LUT is indexed by (integer) modality values.
+    """
     output = apply_voi(np.rint(values).astype(np.int64), dataset, index=0).astype(np.float64)
-    item = dataset.VOILUTSequence[0]
-    entries = np.frombuffer(item.LUTData, dtype="<u2") if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
-    low, high = float(entries.min()), float(entries.max())
-    return np.clip((output - low) * (255.0 / max(high - low, 1.0)), 0, 255).round().astype(np.uint8)
+    bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+    if bits != 8 and not 10 <= bits <= 16:  # the depths PS3.3 allows (pydicom refuses the others too)
+        raise ValueError
+    return np.clip(output * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
 
 
 def _apply_first_window_8bit(values: np.ndarray, dataset: Dataset) -> tuple[np.ndarray, dict]:
@@ -694,6 +971,26 @@ def _apply_first_window_8bit(values: np.ndarray, dataset: Dataset) -> tuple[np.n
         "window_width": width,
         "voi_lut_function": function,
     }
+
+
+def _window_8bit(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """One LINEAR window (PS3.3 C.11.2.1.2.1) into 0..255, through pydicom's windowing."""
+    window = Dataset()
+    window.PhotometricInterpretation = "MONOCHROME2"
+    window.BitsStored, window.PixelRepresentation = 8, 0
+    window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center, width, "LINEAR"
+    return np.clip(apply_windowing(values, window), 0, 255).round().astype(np.uint8)
+
+
+def _has_hounsfield_units(dataset: Dataset) -> bool:
+    """CT whose modality rescale is present, so that windows in HU mean what they say."""
+    modality = str(dataset.get("Modality") or "").strip().upper()
+    try:
+        return modality == "CT" and all(
+            math.isfinite(float(dataset.get(keyword))) for keyword in ("RescaleSlope", "RescaleIntercept")
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def _first_value(value) -> float:
@@ -802,9 +1099,11 @@ class _library_logs_dropped:  # noqa: N801 - a context manager used like a funct
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "CT_WINDOW_PRESETS",
     "DEFAULT_BACKGROUND",
     "DICOM_METADATA_FIELDS",
     "LoadedImage",
     "dicom_prompt_context",
     "load_image",
+    "parse_ct_windows",
 ]

@@ -369,6 +369,10 @@ class VisualMedAlpacaConfig(PretrainedConfig):
             `{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "med-alpaca",
             "api_key_env": "OPENAI_API_KEY"}` (see `language_backends.py`). Only the *name* of the
             environment variable that holds the key is stored, never the key.
+        ct_windows (`list`, *optional*): the default CT windows for DICOM CT: `None` (one window, what Med-GIT was
+            trained on) or three windows packed into R, G and B, each a preset name (`"brain"`, `"lung"`, ...,
+            see `medical_image.CT_WINDOW_PRESETS`) or `[center, width]` in HU. The pipeline's `ct_windows=`
+            keyword overrides it per call.
     """
 
     model_type = "visual_med_alpaca"
@@ -392,6 +396,7 @@ class VisualMedAlpacaConfig(PretrainedConfig):
         max_prompt_tokens: int = 1536,
         intermediate_cache_size: int = 256,
         language_backend: dict | str | None = None,
+        ct_windows: list | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -408,6 +413,7 @@ class VisualMedAlpacaConfig(PretrainedConfig):
         self.max_prompt_tokens = max_prompt_tokens
         self.intermediate_cache_size = intermediate_cache_size
         self.language_backend = language_backend
+        self.ct_windows = ct_windows
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def expert_model_config(self, name: str) -> PretrainedConfig | None:

@@ -74,7 +74,7 @@ from transformers import GenerationConfig, Pipeline, StoppingCriteria, TextItera
 try:
     from .image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from .language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
-    from .medical_image import LoadedImage, dicom_prompt_context, load_image
+    from .medical_image import LoadedImage, dicom_prompt_context, load_image, parse_ct_windows
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -91,7 +91,7 @@ try:
 except ImportError:  # imported from a checkout as a top-level module
     from image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
-    from medical_image import LoadedImage, dicom_prompt_context, load_image
+    from medical_image import LoadedImage, dicom_prompt_context, load_image, parse_ct_windows
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -278,6 +278,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         expert: str | None = None,
         return_prompt: bool | None = None,
         dicom_context: bool | None = None,
+        ct_windows=None,
         generate_kwargs: dict | None = None,
         caption_generate_kwargs: dict | None = None,
         backend: str | dict | None = None,
@@ -293,12 +294,14 @@ class VisualMedAlpacaPipeline(Pipeline):
             postprocess_params["return_prompt"] = bool(return_prompt)
         if dicom_context:
             forward_params["dicom_context"] = True
+        if ct_windows is not None:  # checked now, so a bad value fails before any image is read
+            preprocess_params["ct_windows"] = parse_ct_windows(ct_windows)
 
         unknown = sorted(set(kwargs) - GENERATION_KEYS)
         if unknown:
             raise UnknownParameterError(
                 f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, dicom_context, "
-                "generate_kwargs, caption_generate_kwargs, backend, and GenerationConfig keywords such as "
+                "ct_windows, generate_kwargs, caption_generate_kwargs, backend, and GenerationConfig keywords such as "
                 "max_new_tokens or num_beams. "
                 "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
             )
@@ -362,7 +365,7 @@ class VisualMedAlpacaPipeline(Pipeline):
 
     # ------------------------------------------------------------------ stages
 
-    def preprocess(self, request: dict, expert: str | None = None) -> dict:
+    def preprocess(self, request: dict, expert: str | None = None, ct_windows=None) -> dict:
         warnings: list[str] = []
         question, changed = neutralize_template_markers(request["question"].strip())
         if changed:
@@ -380,7 +383,9 @@ class VisualMedAlpacaPipeline(Pipeline):
         elif request.get("image") is not None and requested == "none":
             routing = RoutingDecision(expert=None, score=None, mode=MODE_FORCED).as_record()
         elif request.get("image") is not None:
-            loaded: LoadedImage = load_image(request["image"])
+            if ct_windows is None:
+                ct_windows = getattr(self.model.config, "ct_windows", None)
+            loaded: LoadedImage = load_image(request["image"], ct_windows=ct_windows)
             warnings.extend(loaded.warnings)
             image_metadata = dict(loaded.metadata)
             decision = self._route(loaded, requested, warnings)

@@ -458,6 +458,7 @@ def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, outpu
         training=training_details(args),
         datasets=args.datasets,
         eval_rows=eval_rows,
+        ct_windows=getattr(model.config, "ct_windows", None),
         transformers_version=transformers.__version__,
         has_chart_reader=model.chart_reader is not None,
     )

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import GifImagePlugin, Image, PngImagePlugin, TiffImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -43,6 +43,7 @@ from modeling_visual_med_alpaca import (
     ImageInputError,
     ImageTooLargeError,
     ImageURLNotAllowedError,
+    InputError,
     InvalidImageError,
     UnsupportedImageFormatError,
     build_inference_prompt,
@@ -57,7 +58,7 @@ CR_MONOCHROME1 = PYDICOM_FILES / "dicomdirtests" / "77654033" / "CR1" / "6154"
 ALLOWED_METADATA_KEYS = (
     set(DICOM_METADATA_FIELDS.values())
     | {"width", "height", "window_source", "window_center", "window_width", "voi_lut_function"}
-    | {"transfer_syntax", "frame"}
+    | {"transfer_syntax", "frame", "ct_windows"}
 )
 
 
@@ -455,6 +456,65 @@ print(json.dumps({{"outcomes": outcomes, "growth_mb": growth_mb}}))
     assert report["growth_mb"] < 40, report
 
 
+def _noise_frames(count: int = 3, size: int = 16) -> list[Image.Image]:
+    generator = np.random.default_rng(7)
+    return [Image.fromarray(generator.integers(0, 255, (size, size), dtype=np.uint8)) for _ in range(count)]
+
+
+def _gif_with_large_second_frame(width: int, height: int) -> bytes:
+    """A 3-frame GIF whose second image descriptor declares width x height (its pixels stay 16 x 16)."""
+    frames = [frame.convert("P") for frame in _noise_frames()]
+    data = bytearray(encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10))
+    descriptor = b"\x2c" + struct.pack("<4H", 0, 0, 16, 16)
+    second = data.index(descriptor, data.index(descriptor) + 1)
+    struct.pack_into("<2H", data, second + 5, width, height)
+    return bytes(data)
+
+
+def _apng_with_large_second_frame(width: int, height: int) -> bytes:
+    """A 3-frame APNG whose second frame control chunk (fcTL) declares width x height, with a valid CRC."""
+    frames = _noise_frames()
+    data = bytearray(encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=10))
+    second = data.index(b"fcTL", data.index(b"fcTL") + 1)
+    struct.pack_into(">II", data, second + 8, width, height)
+    struct.pack_into(">I", data, second + 30, zlib.crc32(bytes(data[second : second + 30])))
+    return bytes(data)
+
+
+def _tiff_with_large_second_page(width: int, height: int) -> bytes:
+    """A 3-page TIFF whose second directory (IFD) declares width x height."""
+    frames = _noise_frames()
+    data = bytearray(encode(frames[0], "TIFF", save_all=True, append_images=frames[1:]))
+    assert data[:4] == b"II*\x00"
+    directory = struct.unpack_from("<I", data, 4)[0]
+    directory = struct.unpack_from("<I", data, directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, directory)[0]):
+        offset = directory + 2 + 12 * entry
+        tag, kind = struct.unpack_from("<HH", data, offset)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into("<H" if kind == 3 else "<I", data, offset + 8, width if tag == 256 else height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "build", [_gif_with_large_second_frame, _apng_with_large_second_frame, _tiff_with_large_second_page]
+)
+def test_every_frame_is_checked_against_the_pixel_limit_before_decoding(build, monkeypatch):
+    fine = load_image(build(16, 16))  # the same file with honest frames loads (its first frame)
+    assert fine.image.size == (16, 16)
+    assert Image.open(io.BytesIO(build(16, 16))).n_frames == 3
+    bomb, just_over = build(20000, 20000), build(40, 40)
+    assert Image.open(io.BytesIO(bomb)).size == (16, 16)  # the first frame alone looks harmless
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded despite a frame over the limit"))
+    for plugin_class in (GifImagePlugin.GifImageFile, PngImagePlugin.PngImageFile, TiffImagePlugin.TiffImageFile):
+        monkeypatch.setattr(plugin_class, "load", lambda self: pytest.fail("decoded despite a frame over the limit"))
+    with raises_typed(ImageTooLargeError, match="pixel limit") as raised:
+        load_image(bomb)
+    assert_clean_error(raised.value)
+    with raises_typed(ImageTooLargeError):  # a second frame just over a smaller limit is refused too
+        load_image(just_over, max_pixels=1000)
+
+
 def test_deflated_dicom_loads_when_within_the_cap():
     loaded = load_image(PYDICOM_FILES / "image_dfl.dcm")
     assert loaded.is_dicom and loaded.image.size == (512, 512)
@@ -629,21 +689,211 @@ def test_dicomdir_and_objects_without_pixels_are_refused():
             load_image(PYDICOM_FILES / name)
 
 
-def test_compressed_syntax_without_decoder_names_syntax_and_package():
+def test_compressed_syntax_without_decoder_names_syntax_and_package(monkeypatch):
+    """The pinned plugins decode JPEG-LS; without them the typed error names the syntax and the package.
+
+    "Without them" is pydicom's own plugin table with the pylibjpeg entry moved to its unavailable side, the state
+    of an installation that lacks pylibjpeg-libjpeg.
+    """
     jpeg_ls = PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm"
-    if get_decoder(JPEGLSLossless).is_available:  # a JPEG-LS plugin was installed: it must then decode
-        assert np.array_equal(pixels_of(load_image(jpeg_ls)), pixels_of(load_image(MR_SMALL)))
-    else:
-        with raises_typed(DicomDecoderMissingError) as raised:
-            load_image(jpeg_ls)
-        assert isinstance(raised.value, UnsupportedImageFormatError)
-        assert "JPEG-LS Lossless" in str(raised.value) and "pylibjpeg-libjpeg" in str(raised.value)
-        assert_clean_error(raised.value)
-    # Pillow is the installed JPEG decoder but cannot read 12-bit JPEG Extended: the message says what helps.
-    extended = PYDICOM_FILES / "JPGExtended.dcm"
-    if "pylibjpeg" not in get_decoder(JPEGExtended12Bit).available_plugins:
-        with raises_typed(InvalidImageError, match="pylibjpeg-libjpeg"):
-            load_image(extended)
+    assert np.array_equal(pixels_of(load_image(jpeg_ls)), pixels_of(load_image(MR_SMALL)))
+    libjpeg = ("pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1")
+    decoder = get_decoder(JPEGLSLossless)
+    monkeypatch.setattr(decoder, "_available", {})
+    monkeypatch.setattr(decoder, "_unavailable", {"pylibjpeg": libjpeg})
+    with raises_typed(DicomDecoderMissingError) as raised:
+        load_image(jpeg_ls)
+    assert isinstance(raised.value, UnsupportedImageFormatError)
+    assert "JPEG-LS Lossless" in str(raised.value) and "pylibjpeg-libjpeg" in str(raised.value)
+    assert_clean_error(raised.value)
+    # With Pillow as the only JPEG decoder, 12-bit JPEG Extended fails to decode: the message says what helps.
+    extended = get_decoder(JPEGExtended12Bit)
+    monkeypatch.setattr(extended, "_available", {"pillow": extended._available["pillow"]})
+    monkeypatch.setattr(extended, "_unavailable", {"pylibjpeg": libjpeg})
+    with raises_typed(InvalidImageError, match="pylibjpeg-libjpeg"):
+        load_image(PYDICOM_FILES / "JPGExtended.dcm")
+
+
+def test_every_compressed_syntax_decodes_with_the_pinned_plugins():
+    """JPEG Lossless SV1, JPEG-LS (lossless, near-lossless), 12-bit JPEG Extended, JPEG 2000 with YBR_RCT."""
+    rgb = pixels_of(load_image(PYDICOM_FILES / "SC_rgb_rle.dcm"))
+    sv1 = load_image(PYDICOM_FILES / "SC_rgb_jpeg_gdcm.dcm")
+    assert sv1.metadata["transfer_syntax"].startswith("JPEG Lossless, Non-Hierarchical, First-Order Prediction")
+    assert np.array_equal(pixels_of(sv1), rgb)  # lossless: the same pixels as the RLE copy
+    near = load_image(PYDICOM_FILES / "JPEGLSNearLossless_16.dcm")
+    assert near.metadata["transfer_syntax"] == "JPEG-LS Lossy (Near-Lossless) Image Compression"
+    extended = load_image(PYDICOM_FILES / "JPGExtended.dcm")
+    assert extended.metadata["bits_stored"] == 12 and pixels_of(extended).std() > 10
+    # Its original, whose scan header says Se=0 (DCMTK warns and reads it): corrected, the same pixels, a warning.
+    original = load_image(PYDICOM_FILES / "JPEG-lossy.dcm")
+    assert np.array_equal(pixels_of(original), pixels_of(extended)) and not extended.warnings
+    assert original.warnings == [medical_image.JPEG_SCAN_REPAIRED_WARNING]
+    # A JPEG stream cut inside its headers is not repairable: the typed error, nothing chained.
+    cut = pydicom.dcmread(PYDICOM_FILES / "JPEG-lossy.dcm")
+    cut.PixelData = encapsulate([next(generate_frames(cut.PixelData, number_of_frames=1))[:120]])
+    with raises_typed(InvalidImageError, match="could not be decoded") as raised:
+        load_image(dicom_bytes(cut))
+    assert_clean_error(raised.value)
+    rct = load_image(PYDICOM_FILES / "GDCMJ2K_TextGBR.dcm")
+    assert rct.metadata["photometric_interpretation"] == "YBR_RCT"
+    colours = pixels_of(rct).astype(int)
+    assert np.abs(colours[..., 0] - colours[..., 2]).mean() > 5  # real colour came back, not a gray image
+    # Baseline JPEG is decoded by Pillow first (pylibjpeg is installed too): the rendering DCMTK gives.
+    calls = []
+    real_pixel_array = medical_image.pixel_array
+
+    def spying_pixel_array(dataset, **kwargs):
+        calls.append(kwargs)
+        return real_pixel_array(dataset, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(medical_image, "pixel_array", spying_pixel_array)
+        load_image(PYDICOM_FILES / "SC_rgb_jpeg_dcmtk.dcm")
+    assert calls == [{"index": None, "decoding_plugin": "pillow"}]
+
+
+def test_file_without_preamble_is_read_with_a_warning_and_non_dicom_keeps_its_error():
+    part10 = CT_SMALL.read_bytes()
+    reference = load_image(part10)
+    meta_first = load_image(part10[132:])  # file meta at byte 0: no preamble, no "DICM"
+    bare = pydicom.dcmread(CT_SMALL)
+    del bare.file_meta
+    bare.preamble = None
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, bare, implicit_vr=True, little_endian=True)  # the dataset alone, ACR-NEMA style
+    assert buffer.getvalue()[:2] == b"\x08\x00"
+    dataset_only = load_image(buffer.getvalue())
+    for loaded in (meta_first, dataset_only):
+        assert loaded.is_dicom and np.array_equal(pixels_of(loaded), pixels_of(reference))
+        assert medical_image.NO_PREAMBLE_WARNING in loaded.warnings
+    assert medical_image.NO_PREAMBLE_WARNING not in reference.warnings
+    assert dataset_only.metadata["transfer_syntax"] == "Implicit VR Little Endian"
+    # Data that merely starts like a dataset, and data that is not DICOM at all, keep their typed errors.
+    with raises_typed(ImageInputError) as raised:
+        load_image(b"\x08\x00\x05\x00" + bytes(range(256)) * 4)
+    assert_clean_error(raised.value)
+    with raises_typed(UnsupportedImageFormatError, match="not an image in an accepted format"):
+        load_image(b"%PDF-1.7 " + bytes(range(256)) * 4)
+
+
+def test_malformed_number_of_frames_is_counted_from_the_pixel_data():
+    """badVR.dcm: Number of Frames is "1A" (not an IS); DCMTK renders it, and so does the project."""
+    loaded = load_image(PYDICOM_FILES / "badVR.dcm", frame=0)
+    assert loaded.metadata["number_of_frames"] == 15  # 6000 bytes of 10 x 10 x 32-bit frames
+    assert any("number of frames is malformed: 15 frame(s)" in note for note in loaded.warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own complaint about "1A"
+        dataset = pydicom.dcmread(PYDICOM_FILES / "badVR.dcm")
+        dataset.NumberOfFrames = 15
+        third = dataset.pixel_array[3].astype(float)
+    low, high = np.percentile(third, [0.5, 99.5])
+    gray = pixels_of(load_image(PYDICOM_FILES / "badVR.dcm", frame=3))[..., 0].astype(int)
+    assert np.abs(gray - to_8bit(third, low, high)).max() <= 1
+    assert load_image(PYDICOM_FILES / "badVR.dcm").metadata["frame"] == 7
+
+
+def test_voi_lut_output_is_scaled_over_the_declared_output_range():
+    """PS3.3 C.11.2.1.1: a 12-bit VOI LUT maps onto 0..4095, whatever sub-range its entries use."""
+    dataset = ct_with_windows(40, 400)
+    item = Dataset()
+    item.add_new("LUTDescriptor", "SS", [4096, -1024, 12])
+    entries = np.linspace(300, 3500, 4096).round().astype(int)
+    item.add_new("LUTData", "US", entries.tolist())
+    dataset.VOILUTSequence = [item]
+    loaded = load_image(dicom_bytes(dataset))
+    hounsfield = np.rint(apply_modality_lut(dataset.pixel_array, dataset)).astype(int)
+    output = entries[np.clip(hounsfield + 1024, 0, 4095)]
+    gray = pixels_of(loaded)[..., 0].astype(int)
+    assert loaded.metadata["window_source"] == "voi_lut"
+    assert np.abs(gray - to_8bit(output, 0, 4095)).max() <= 1
+    assert np.abs(gray - to_8bit(output, 300, 3500)).max() > 10  # the entries' own min..max: another image
+
+
+# ------------------------------------------------------------------------------------------ CT windows
+
+
+def test_ct_windows_are_packed_into_the_rgb_channels():
+    dataset = ct_with_windows(40, 400)
+    data = dicom_bytes(dataset)
+    hounsfield = apply_modality_lut(dataset.pixel_array, dataset)
+    loaded = load_image(data, ct_windows=["brain", "lung", (300, 1500)])
+    rgb = pixels_of(loaded).astype(int)
+    for channel, (center, width) in enumerate([(40, 80), (-600, 1500), (300, 1500)]):
+        # PS3.3 C.11.2.1.2.1 LINEAR: ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped.
+        expected = np.clip(((hounsfield - (center - 0.5)) / (width - 1) + 0.5) * 255, 0, 255).round()
+        assert np.abs(rgb[..., channel] - expected).max() <= 1, channel
+    assert loaded.metadata["window_source"] == "ct_windows"
+    assert loaded.metadata["ct_windows"] == [[40.0, 80.0], [-600.0, 1500.0], [300.0, 1500.0]]
+    assert set(loaded.metadata) <= ALLOWED_METADATA_KEYS and not loaded.warnings
+    named = load_image(data, ct_windows=("Brain", "lung", "bone"))
+    explicit = load_image(data, ct_windows=[[40, 80], [-600, 1500], medical_image.CT_WINDOW_PRESETS["bone"]])
+    assert np.array_equal(pixels_of(named), pixels_of(explicit))
+    default = load_image(data)
+    assert default.metadata["window_source"] == "header" and np.array_equal(
+        pixels_of(default)[..., 0], pixels_of(default)[..., 1]
+    )
+    assert load_image(data, ct_windows=None).image.tobytes() == default.image.tobytes()
+
+
+def test_ct_windows_elsewhere_warn_and_keep_the_single_window():
+    single = pixels_of(load_image(MR_SMALL))
+    mr = load_image(MR_SMALL, ct_windows=["brain", "lung", "bone"])
+    assert np.array_equal(pixels_of(mr), single) and mr.metadata["window_source"] == "header"
+    assert mr.warnings == [medical_image.CT_WINDOWS_NOT_APPLIED_WARNING]
+    no_rescale = ct_with_windows(40, 400)
+    del no_rescale.RescaleSlope, no_rescale.RescaleIntercept
+    loaded = load_image(dicom_bytes(no_rescale), ct_windows=["brain", "lung", "bone"])
+    assert medical_image.CT_WINDOWS_NOT_APPLIED_WARNING in loaded.warnings
+    assert loaded.metadata["window_source"] == "header"
+    png = load_image(encode(Image.new("L", (8, 8), 90), "PNG"), ct_windows=["brain", "lung", "bone"])
+    assert png.warnings == [medical_image.CT_WINDOWS_NOT_APPLIED_WARNING]
+    colour = load_image(PYDICOM_FILES / "SC_rgb_rle.dcm", ct_windows=["brain", "lung", "bone"])
+    assert medical_image.CT_WINDOWS_NOT_APPLIED_WARNING in colour.warnings
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "brain",
+        ["brain", "lung"],
+        ["brain", "lung", "nope"],
+        [(40, 0), "lung", "bone"],
+        [(40,), "lung", "bone"],
+        [(True, 80), "lung", "bone"],
+        [(float("nan"), 80), "lung", "bone"],
+        {"brain": 1},
+    ],
+)
+def test_bad_ct_windows_are_a_typed_error(bad):
+    with raises_typed(InputError, match="ct_windows must be None or three CT windows"):
+        load_image(CT_SMALL, ct_windows=bad)
+
+
+def test_ct_windows_through_the_pipeline_and_its_cache(vqa, monkeypatch):
+    from pipeline_vqa import image_content_hash
+
+    ct = dicom_bytes(ct_with_windows(45, 350))  # not used by other tests: its cache entries are its own
+    windows = ["brain", "subdural", "bone"]
+    first = vqa({"image": ct, "question": "Which organ?"}, ct_windows=windows)
+    again = vqa({"image": ct, "question": "Which organ?"}, ct_windows=windows)
+    other = vqa({"image": ct, "question": "Which organ?"}, ct_windows=["lung", "mediastinum", "soft_tissue"])
+    single = vqa({"image": ct, "question": "Which organ?"})
+    assert first["image_metadata"]["ct_windows"] == [list(medical_image.CT_WINDOW_PRESETS[n]) for n in windows]
+    assert "ct_windows" not in single["image_metadata"]
+    # The cache key is the hash of the windowed pixels: other windows are another image, read again.
+    assert again["intermediate_cached"] and not other["intermediate_cached"] and not single["intermediate_cached"]
+    hashes = {
+        image_content_hash(load_image(ct, ct_windows=w).image) for w in (windows, ["lung", "liver", "bone"], None)
+    }
+    assert len(hashes) == 3
+    with raises_typed(InputError, match="ct_windows"):
+        vqa({"image": ct, "question": "Which organ?"}, ct_windows=["brain"])
+    # The config default applies when the call gives none.
+    monkeypatch.setattr(vqa.model.config, "ct_windows", windows, raising=False)
+    assert (
+        vqa({"image": ct, "question": "Which organ?"})["image_metadata"]["ct_windows"]
+        == first["image_metadata"]["ct_windows"]
+    )
 
 
 def test_metadata_allowlist_and_non_conforming_values():
