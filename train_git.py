@@ -601,9 +601,10 @@ def write_model_card(
 # Med-GIT: radiology captioner
 
 `GitForCausalLM` fine-tuned from `{hub_base_model(model_args.model_name_or_path) or "a local GIT checkpoint"}` on
-radiology image captions with `train_git.py` (Visual Med-Alpaca): {state.global_step} optimizer steps
-({state.epoch or 0:.2f} epochs). It is the radiology visual expert of the Visual Med-Alpaca pipeline: its caption is
-the text the language model is given about an image.
+radiology image captions with `train_git.py` (Visual Med-Alpaca),
+{state.global_step} optimizer steps ({state.epoch or 0:.2f} epochs) of {state.train_batch_size} images per device.
+It is the radiology visual expert of the Visual Med-Alpaca pipeline: its caption is the text the language model is
+given about an image.
 
 > **Research use only.** {DISCLAIMER}
 

@@ -338,8 +338,9 @@ tags: [medical, biomedical, alpaca, trl, sft, research-only]
 # Med-Alpaca
 
 {base_model} fine-tuned on biomedical instructions (`{Path(dataset_name).name}`) with TRL's SFTTrainer:
-{method}, learning rate {training_args.learning_rate}, {state.global_step} optimizer steps
-({state.epoch or 0:.2f} epochs) of {effective_batch} sequences, max length {training_args.max_length}.
+{method}, learning rate {training_args.learning_rate},
+{state.global_step} optimizer steps ({state.epoch or 0:.2f} epochs) of {effective_batch} sequences,
+max length {training_args.max_length}.
 Prompts use the Alpaca training template of Visual Med-Alpaca.
 
 > **{DISCLAIMER}**
