@@ -443,7 +443,7 @@ def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, outpu
         language=["en"],
         license=args.license,
         license_name=args.license_name if args.license == "other" else None,
-        base_model=args.base_models or default_base_models(args),
+        base_model=args.base_models or default_base_models(args) or None,
         datasets=args.datasets or None,
         tags=["medical", "biomedical", "radiology", "visual-question-answering", "llama", "git", "lora", "custom_code"],
         pipeline_tag="image-text-to-text",
