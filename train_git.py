@@ -709,9 +709,11 @@ def main(
     is_main = training_args.process_index == 0
     # Before anything is written: the folder holds this run or nothing, and a resumed checkpoint is this run's.
     run_record = make_run_record(git_run_settings(model_args, data_args, training_args))
-    resume = prepare_run(
-        output_dir, run_record, training_args.resume_from_checkpoint, data_args.overwrite_output_dir, is_main
-    )
+    # The main process checks (and with --overwrite_output_dir replaces) the folder before the others look at it.
+    with training_args.main_process_first(local=False, desc="checking --output_dir"):
+        resume = prepare_run(
+            output_dir, run_record, training_args.resume_from_checkpoint, data_args.overwrite_output_dir, is_main
+        )
 
     splits, report = prepare_caption_data(
         data_args, training_args.seed, show_progress=is_main, report_dir=output_dir if is_main else None

@@ -452,13 +452,15 @@ def main(
     }
 
     run_record = make_run_record(sft_run_settings(script_args, training_args, model_args))
-    resume = prepare_run(
-        training_args.output_dir,
-        run_record,
-        training_args.resume_from_checkpoint,
-        script_args.overwrite_output_dir,
-        is_main=training_args.process_index == 0,
-    )
+    # The main process checks (and with --overwrite_output_dir replaces) the folder before the others look at it.
+    with training_args.main_process_first(local=False, desc="checking --output_dir"):
+        resume = prepare_run(
+            training_args.output_dir,
+            run_record,
+            training_args.resume_from_checkpoint,
+            script_args.overwrite_output_dir,
+            is_main=training_args.process_index == 0,
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     records, locations = read_instruction_records(script_args.dataset_name, script_args.dataset_split)

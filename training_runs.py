@@ -96,8 +96,11 @@ def read_run_record(folder: str | os.PathLike) -> dict | None:
 
 
 def write_run_record(folder: str | os.PathLike, record: dict, counters: dict | None = None) -> None:
+    """Written whole or not at all (a temporary file renamed), so another process never reads half of it."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / RUN_FILE).write_text(json.dumps({**record, "counters": counters or {}}, indent=2))
+    partial = Path(folder) / f".{RUN_FILE}.{os.getpid()}"
+    partial.write_text(json.dumps({**record, "counters": counters or {}}, indent=2))
+    os.replace(partial, Path(folder) / RUN_FILE)
 
 
 def differing_settings(ours: dict, theirs: dict) -> list[str]:
