@@ -336,9 +336,12 @@ def training_details(args: PublishArguments) -> dict[str, dict]:
         lora = _read_json(Path(args.adapter) / "adapter_config.json")
         details["Med-Alpaca LoRA (merged)"] = {
             key: (", ".join(sorted(lora[key])) if isinstance(lora[key], list) else lora[key])
-            for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
+            for key in ("r", "lora_alpha", "lora_dropout", "target_modules")
             if lora.get(key) is not None
         }
+        base = lora.get("base_model_name_or_path")
+        if base:  # a Hub id as is; of a local folder only its name (a full path says nothing on the Hub)
+            details["Med-Alpaca LoRA (merged)"]["base model"] = _hub_id(base) or f"local folder `{Path(base).name}`"
     for section, checkpoint in (
         ("Med-Alpaca training run", args.adapter),
         ("Med-GIT training run", args.captioner_checkpoint),

@@ -299,8 +299,10 @@ def test_main_pushes_only_verified_bundles_and_a_failed_push_keeps_the_folder(
     assert hub.calls[0][1]["private"] is True and len(result["verification"]) == 2
     out = capsys.readouterr().out
     assert f'revision="{result["commit_sha"]}"' in out and 'pipeline(model="org/visual-med-alpaca"' in out
-    # The card's loading snippet names the repository.
-    assert 'model="org/visual-med-alpaca"' in (output_dir / "README.md").read_text()
+    # The card's loading snippet names the repository; the adapter's local base is named, not its full path.
+    card = (output_dir / "README.md").read_text()
+    assert 'model="org/visual-med-alpaca"' in card
+    assert "| base model | local folder `llama-base` |" in card and str(trained_parts.base) not in card
 
     failing = tmp_path / "bundle-failing"
     hub = _RecordingHub(True)

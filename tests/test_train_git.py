@@ -469,6 +469,11 @@ def test_a_public_run_retry_stays_public(tmp_path, monkeypatch):
 
     (tmp_path / "model.safetensors").write_bytes(b"w")
     assert run_hf_cli(retry_command("org/open", tmp_path, private=False), monkeypatch)["private"] is False
+    excludes = ["checkpoint-*", "runs/*", "*.pt", "*.pth", "rng_state*", "training_args.bin", "run_fingerprint.json"]
+    assert retry_command("org/x", tmp_path, private=True) == [
+        *("hf", "upload", "org/x", str(tmp_path), ".", "--repo-type", "model", "--private"),
+        *(argument for pattern in excludes for argument in ("--exclude", pattern)),
+    ]
 
 
 # ----------------------------------------------------------------------------- output folder and resume
