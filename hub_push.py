@@ -36,6 +36,7 @@ class HubPushError(VisualMedAlpacaError):
         super().__init__(message)
         self.folder = folder
         self.retry_command = retry_command or []
+        self.result = None  # what the script produced before the push (train_git: its CaptionTrainingResult)
 
 
 def retry_command(repo_id: str, folder: str | Path, private: bool) -> list[str]:
