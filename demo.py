@@ -21,13 +21,11 @@ the format of captions and answers, not medicine. The same scripts with the comm
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,12 +34,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent
 VQA_RAD = REPO_ROOT / "data" / "vqa_rad_dev"
 SFT_SAMPLE = REPO_ROOT / "data" / "med_alpaca_sample.jsonl"
+CAPTIONS = REPO_ROOT / "data" / "vqa_rad_captions"  # built by data/vqa_rad_captions/build_captions.py
 IMAGE_NAME = "synpic32962.jpg"
 DEMO_NOTICE = (
     "DEMO WEIGHTS: tiny models trained for about a minute on a CPU by demo.py. They show the chain, not medical "
     "knowledge; their answers mean nothing."
 )
-ORGANS = {"ABD": "Abdomen", "CHEST": "Chest", "HEAD": "Head"}
 STEPS = 6
 
 
@@ -58,26 +56,6 @@ class Progress:
 
 def vqa_rad_questions() -> list[dict]:
     return json.loads((VQA_RAD / "questions.json").read_text())
-
-
-def write_caption_csvs(folder: Path, validation_images: int = 6) -> tuple[Path, Path]:
-    """One caption per VQA-RAD image, written from that image's own annotations (real image-text pairs)."""
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for question in vqa_rad_questions():
-        by_image[question["image_name"]].append(question)
-    rows = []
-    for index, (name, questions) in enumerate(sorted(by_image.items())):
-        organ = ORGANS.get(questions[0]["image_organ"], questions[0]["image_organ"].title())
-        facts = "; ".join(f"{q['question'].rstrip('?')}: {q['answer']}" for q in questions[:2])
-        rows.append({"id": f"vqarad-{index}", "name": name, "caption": f"{organ} radiograph. {facts}."})
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "train.csv", folder / "validation.csv"
-    for path, part in zip(paths, (rows[validation_images:], rows[:validation_images]), strict=True):
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, ["id", "name", "caption"])
-            writer.writeheader()
-            writer.writerows(part)
-    return paths
 
 
 def pydicom_ct() -> Path:
@@ -101,15 +79,12 @@ def build_base_models(work: Path) -> tuple[Path, Path]:
 def train_med_git(progress: Progress, git_base: Path, work: Path) -> Path:
     import train_git
 
-    train_csv, validation_csv = write_caption_csvs(work / "captions")
     output = work / "med-git"
     argv = [
         "--model_name_or_path", str(git_base),
-        "--dataset_format", "csv",
-        "--train_file", str(train_csv),
-        "--validation_file", str(validation_csv),
-        "--image_dir", str(VQA_RAD / "images"),
+        "--data_dir", str(CAPTIONS),
         "--output_dir", str(output),
+        "--overwrite_output_dir", "true",
         "--num_train_epochs", "15",
         "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "8",
@@ -140,6 +115,7 @@ def train_med_alpaca(progress: Progress, llama_base: Path, work: Path) -> Path:
         "--model_name_or_path", str(llama_base),
         "--dataset_name", str(SFT_SAMPLE),
         "--output_dir", str(output),
+        "--overwrite_output_dir", "true",
         "--max_length", "256",
         "--max_steps", "600",
         "--per_device_train_batch_size", "8",

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from hub_push import push_folder
 from modeling_visual_med_alpaca import (
     ALPACA_CHAT_TEMPLATE,
     DISCLAIMER,
@@ -86,13 +87,6 @@ LEFTOVER_PATTERNS = (
     r"runs",
     r".*\.(bin|pt|pth|ckpt)",
 )
-
-
-class PushError(VisualMedAlpacaError):
-    """The bundle was built and verified, but could not be pushed to the Hub."""
-
-    exit_code = 4
-    http_status = 502
 
 
 @dataclass
@@ -144,6 +138,8 @@ class PublishArguments:
         default=True, metadata={"help": "Create the Hub repository private (--no_private to publish)."}
     )
     commit_message: str = field(default="Upload Visual Med-Alpaca bundle", metadata={"help": "Hub commit message."})
+    push_attempts: int = field(default=3, metadata={"help": "Attempts to push before giving up."})
+    push_retry_wait: float = field(default=10.0, metadata={"help": "Seconds before the first retry; doubles."})
     license: str = field(default="other", metadata={"help": "Model card licence id; the base models' licences apply."})
     license_name: str | None = field(
         default="research-only-inherits-base-model-licences", metadata={"help": "Licence name when --license other."}
@@ -330,9 +326,10 @@ def _trainer_state(checkpoint: str | None) -> dict:
     except (OSError, json.JSONDecodeError):
         print(f"Note: {state_file.name} in {folder.name} is unreadable; the card leaves that run's numbers out.")
         return {}
-    summary = {
-        key: state[key] for key in ("num_train_epochs", "max_steps", "global_step", "train_batch_size") if key in state
-    }
+    # What ran (global_step, epoch), not what was asked for: a --max_steps 6 run also records num_train_epochs 3.
+    summary = {key: state[key] for key in ("global_step", "train_batch_size") if key in state}
+    if isinstance(state.get("epoch"), (int, float)):
+        summary["epochs"] = round(float(state["epoch"]), 2)
     logged = [entry for entry in state.get("log_history", []) if "loss" in entry]
     if logged:
         summary["final_train_loss"] = round(float(logged[-1]["loss"]), 4)
@@ -349,9 +346,12 @@ def training_details(args: PublishArguments) -> dict[str, dict]:
         lora = _read_json(Path(args.adapter) / "adapter_config.json")
         details["Med-Alpaca LoRA (merged)"] = {
             key: (", ".join(sorted(lora[key])) if isinstance(lora[key], list) else lora[key])
-            for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
+            for key in ("r", "lora_alpha", "lora_dropout", "target_modules")
             if lora.get(key) is not None
         }
+        base = lora.get("base_model_name_or_path")
+        if base:  # a Hub id as is; of a local folder only its name (a full path says nothing on the Hub)
+            details["Med-Alpaca LoRA (merged)"]["base model"] = _hub_id(base) or f"local folder `{Path(base).name}`"
     for section, checkpoint in (
         ("Med-Alpaca training run", args.adapter),
         ("Med-GIT training run", args.captioner_checkpoint),
@@ -407,16 +407,42 @@ def eval_results(path: str | None, model_name: str) -> tuple[list, list[dict]]:
     return results, rows
 
 
+def _hub_id(source: str | None) -> str | None:
+    """``source`` if it names a Hub repository (``org/name``, not an existing local path), else ``None``."""
+    if source and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
+        return source
+    return None
+
+
+def run_summary(checkpoint: str | None) -> dict:
+    """``run_summary.json`` of a train_git.py output (its base model and data), ``{}`` when there is none."""
+    path = Path(checkpoint or "") / "run_summary.json"
+    if not checkpoint or not path.is_file():
+        return {}
+    summary = _read_json(path)
+    return summary if isinstance(summary, dict) else {}
+
+
 def default_base_models(args: PublishArguments) -> list[str]:
-    """Hub ids of the base models: Hub-id-looking sources only (local paths are not base models on the Hub)."""
-    candidates = ["microsoft/git-base"]
+    """Hub ids of the base models that are known, never assumed: a checkpoint given as a Hub id, the base named in
+    its training record (train_git's run_summary.json, the adapter's config). A captioner trained from a local or
+    random base (the demo's) claims no ``microsoft/git-base``; local paths are not base models on the Hub."""
+    captioner = _hub_id(args.captioner_checkpoint) or _hub_id(run_summary(args.captioner_checkpoint).get("base_model"))
     lm_base = args.language_model
     if args.adapter:
         lm_base = _read_json(Path(args.adapter) / "adapter_config.json").get("base_model_name_or_path") or lm_base
-    candidates.append(lm_base)
-    if args.chart_checkpoint:
-        candidates.append("google/deplot")
-    return [c for c in candidates if re.fullmatch(r"[\w.-]+/[\w.-]+", c) and not Path(c).exists()]
+    candidates = [captioner, _hub_id(lm_base), _hub_id(args.chart_checkpoint)]
+    return list(dict.fromkeys(c for c in candidates if c))
+
+
+def captioner_data(args: PublishArguments) -> str:
+    """What the captioner was trained on, as its training run recorded it (for the card's limitations)."""
+    data = run_summary(args.captioner_checkpoint).get("data") or {}
+    if data.get("format") == "roco":
+        return "public figure captions from PubMed Central articles (ROCO)"
+    if data.get("source"):
+        return f"`{data['source']}` ({data.get('format', 'unknown')} layout)"
+    return "data its checkpoint does not record"
 
 
 def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, output_dir: Path):
@@ -430,7 +456,7 @@ def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, outpu
         language=["en"],
         license=args.license,
         license_name=args.license_name if args.license == "other" else None,
-        base_model=args.base_models or default_base_models(args),
+        base_model=args.base_models or default_base_models(args) or None,
         datasets=args.datasets or None,
         tags=["medical", "biomedical", "radiology", "visual-question-answering", "llama", "git", "lora", "custom_code"],
         pipeline_tag="image-text-to-text",
@@ -461,6 +487,7 @@ def render_model_card(args: PublishArguments, model: VisualMedAlpacaModel, outpu
         ct_windows=getattr(model.config, "ct_windows", None),
         transformers_version=transformers.__version__,
         has_chart_reader=model.chart_reader is not None,
+        captioner_data=captioner_data(args),
     )
     card.save(output_dir / "README.md")
     return card
@@ -513,23 +540,20 @@ def verify_bundle(output_dir: Path, dtype: torch.dtype) -> list[dict]:
     return records
 
 
-def push_bundle(output_dir: Path, repo_id: str, private: bool, commit_message: str, api=None) -> str:
-    """``create_repo`` + ``upload_folder``; returns the commit sha. A failure keeps the folder and says so."""
-    from huggingface_hub import HfApi
-
-    api = api or HfApi()
-    try:
-        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id, repo_type="model", folder_path=str(output_dir), commit_message=commit_message
-        )
-    except Exception as error:  # network, auth, permissions, offline mode: the folder stays either way
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        raise PushError(
-            f"Pushing to {repo_id} failed ({type(error).__name__}{f', HTTP {status}' if status else ''}). "
-            f"The verified bundle is kept at {output_dir}; retry with: "
-            f"hf upload {repo_id} {output_dir} . --repo-type model{' --private' if private else ''}"
-        ) from None
+def push_bundle(
+    output_dir: Path, repo_id: str, private: bool, commit_message: str, api=None, attempts: int = 1, retry_wait=10.0
+) -> str:
+    """``create_repo`` + ``upload_folder``; returns the commit sha. A failure keeps the folder: ``HubPushError``."""
+    commit = push_folder(
+        output_dir,
+        repo_id,
+        private=private,
+        commit_message=commit_message,
+        attempts=attempts,
+        retry_wait=retry_wait,
+        what="verified bundle",
+        api=api,
+    )
     return commit.oid
 
 
@@ -579,7 +603,15 @@ def main(args: PublishArguments, api=None) -> dict:
     if args.repo_id:
         visibility = "private" if args.private else "public"
         print(f"[6/{steps}] Pushing to {args.repo_id} ({visibility}) ...", flush=True)
-        sha = push_bundle(output_dir, args.repo_id, args.private, args.commit_message, api=api)
+        sha = push_bundle(
+            output_dir,
+            args.repo_id,
+            args.private,
+            args.commit_message,
+            api=api,
+            attempts=args.push_attempts,
+            retry_wait=args.push_retry_wait,
+        )
         result["commit_sha"] = sha
         print(f"Pushed {args.repo_id} at commit {sha}. Pin it:")
         print(f'    pipeline(model="{args.repo_id}", revision="{sha}", trust_remote_code=True)')

@@ -55,12 +55,20 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GitForCausalLM, GitProcessor, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
 from caption_metrics import score_captions
+from hub_push import HubPushError, push_folder
 from medical_image import load_image
 from modeling_visual_med_alpaca import DISCLAIMER, ImageInputError, InputError, ModelLoadError, VisualMedAlpacaError
+from training_runs import (
+    RunRecordCallback,
+    describe_resume,
+    file_digest,
+    make_run_record,
+    prepare_run,
+    training_settings,
+)
 
 logger = logging.getLogger("train_git")
 
@@ -68,7 +76,6 @@ ROCO_SPLITS = {"train": "train", "validation": "validation"}
 IMAGEFOLDER_SPLITS = {"train": ("train",), "validation": ("validation", "val", "valid")}
 CAPTION_COLUMNS = ("text", "caption", "captions", "sentence")
 NATIVE_MODES = ("RGB", "L")  # anything else is normalised by the loader and counted
-OUTPUT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**"]  # not uploaded: resumable state, logs
 
 
 class CaptionDataError(InputError):
@@ -123,6 +130,10 @@ class CaptionDataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     image_threads: int = field(
         default=8, metadata={"help": "Threads that decode images: the check before training, evaluation captions."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an --output_dir that holds another run's output (a training output only)."},
     )
 
 
@@ -284,8 +295,7 @@ def read_datasets_split(dataset, split_name: str, image_column: str | None, capt
     return records
 
 
-def load_caption_splits(args: CaptionDataArguments) -> dict[str, list[CaptionRecord]]:
-    """Raw rows per split (``train`` and, when given, ``validation``), not yet checked."""
+def resolve_layout(args: CaptionDataArguments) -> str:
     layout = args.dataset_format
     if layout == "auto":
         if args.train_file:
@@ -296,6 +306,19 @@ def load_caption_splits(args: CaptionDataArguments) -> dict[str, list[CaptionRec
             layout = "roco" if find_roco_root(args.data_dir) else "imagefolder"
         else:
             raise CaptionDataError("No data given: pass --train_file, --data_dir or --dataset_name.")
+    return layout
+
+
+def describe_data(args: CaptionDataArguments) -> dict:
+    """What the run was trained on, for cards: the layout and the name of what was given (never a full local path)."""
+    source = args.train_file or args.data_dir or args.dataset_name or ""
+    local = Path(source).exists()
+    return {"format": resolve_layout(args), "source": Path(source).name if local else source, "local": local}
+
+
+def load_caption_splits(args: CaptionDataArguments) -> dict[str, list[CaptionRecord]]:
+    """Raw rows per split (``train`` and, when given, ``validation``), not yet checked."""
+    layout = resolve_layout(args)
     splits: dict[str, list[CaptionRecord]] = {}
     if layout == "csv":
         if not args.train_file:
@@ -554,13 +577,20 @@ class CaptionTrainer(Trainer):
 # ------------------------------------------------------------------------------------- publishing
 
 
-def write_model_card(output_dir: Path, model_args: GitModelArguments, metrics: dict, report: DataReport) -> None:
+def hub_base_model(model_name_or_path: str) -> str | None:
+    """Only a Hub id is a valid base_model; a local folder's path means nothing on the Hub."""
+    return None if Path(model_name_or_path).exists() else model_name_or_path
+
+
+def write_model_card(
+    output_dir: Path, model_args: GitModelArguments, metrics: dict, report: DataReport, data: dict, state
+) -> None:
+    """The card states what ran: the data given, the optimizer steps and epochs actually trained (``state``)."""
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag="image-to-text",
-        # Only a Hub id is a valid base_model; a local folder's path means nothing on the Hub.
-        base_model=None if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
+        base_model=hub_base_model(model_args.model_name_or_path),
         tags=["medical", "radiology", "image-captioning", "git", "visual-med-alpaca", "research-only"],
     )
     metric_lines = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()))
@@ -570,9 +600,11 @@ def write_model_card(output_dir: Path, model_args: GitModelArguments, metrics: d
 
 # Med-GIT: radiology captioner
 
-`GitForCausalLM` fine-tuned from `{model_args.model_name_or_path}` on radiology image captions with
-`train_git.py` (Visual Med-Alpaca). It is the radiology visual expert of the Visual Med-Alpaca
-pipeline: its caption is the text the language model is given about an image.
+`GitForCausalLM` fine-tuned from `{hub_base_model(model_args.model_name_or_path) or "a local GIT checkpoint"}` on
+radiology image captions with `train_git.py` (Visual Med-Alpaca),
+{state.global_step} optimizer steps ({state.epoch or 0:.2f} epochs) of {state.train_batch_size} images per device.
+It is the radiology visual expert of the Visual Med-Alpaca pipeline: its caption is the text the language model is
+given about an image.
 
 > **Research use only.** {DISCLAIMER}
 
@@ -590,8 +622,9 @@ caption = processor.batch_decode(model.generate(pixel_values=pixel_values, max_n
 
 ## Training data
 
-{report.rows} rows read, {len(report.bad_rows)} skipped as unusable (missing/unreadable image or empty
-caption; listed in `bad_rows.json`), image modes normalised: {dict(report.normalised_modes) or "none"}.
+`{data["source"]}` ({data["format"]} layout): {report.rows} rows read, {len(report.bad_rows)} skipped as unusable
+(missing/unreadable image or empty caption; listed in `bad_rows.json`), image modes normalised:
+{dict(report.normalised_modes) or "none"}.
 
 ## Evaluation
 
@@ -605,16 +638,17 @@ BLEU-4 and ROUGE-L in [0, 1], CIDEr-D on coco-caption's scale (papers print it x
 
 
 def push_output(output_dir: Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
-    """Upload the final model folder (not checkpoints) to a Hub repository; returns its URL."""
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
+    """Upload the final model folder (no checkpoints, see ``hub_push.PUSH_EXCLUDE``); returns the repository URL."""
+    push_folder(
+        output_dir,
+        repo_id,
+        private=private,
+        token=token,
         commit_message="Upload Med-GIT (train_git.py)",
-        ignore_patterns=OUTPUT_IGNORE,
+        what="trained model",
+        api=HfApi(token=token),
     )
-    return str(url)
+    return f"https://huggingface.co/{repo_id}"
 
 
 @dataclass
@@ -644,18 +678,20 @@ def load_captioner(model_args: GitModelArguments) -> tuple[GitProcessor, GitForC
     return processor, model
 
 
-def _resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "no", "none"):
-        return None
-    if str(value).lower() in ("true", "yes", "last", "latest"):
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        if last is None:
-            logger.warning(
-                "No checkpoint in %s to resume from: starting from the base model.", training_args.output_dir
-            )
-        return last
-    return str(value)
+def git_run_settings(model_args: GitModelArguments, data_args: CaptionDataArguments, training_args) -> dict:
+    """The settings that decide what a run computes (its fingerprint): model, data, schedule, batch, seed."""
+    data = asdict(data_args)
+    for unrelated in ("image_threads", "max_bad_fraction", "overwrite_output_dir"):
+        data.pop(unrelated)
+    return {
+        **training_settings(training_args),
+        "model": model_args.model_name_or_path,
+        "processor": model_args.processor_name_or_path,
+        "max_caption_tokens": model_args.max_caption_tokens,
+        **data,
+        "train_file_sha256": file_digest(data_args.train_file) if data_args.train_file else None,
+        "validation_file_sha256": file_digest(data_args.validation_file) if data_args.validation_file else None,
+    }
 
 
 def main(
@@ -671,6 +707,13 @@ def main(
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     is_main = training_args.process_index == 0
+    # Before anything is written: the folder holds this run or nothing, and a resumed checkpoint is this run's.
+    run_record = make_run_record(git_run_settings(model_args, data_args, training_args))
+    # The main process checks (and with --overwrite_output_dir replaces) the folder before the others look at it.
+    with training_args.main_process_first(local=False, desc="checking --output_dir"):
+        resume = prepare_run(
+            output_dir, run_record, training_args.resume_from_checkpoint, data_args.overwrite_output_dir, is_main
+        )
 
     splits, report = prepare_caption_data(
         data_args, training_args.seed, show_progress=is_main, report_dir=output_dir if is_main else None
@@ -701,7 +744,7 @@ def main(
         eval_dataset=eval_dataset,
         data_collator=CaptionCollator(processor.tokenizer),
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), RunRecordCallback(run_record)],
         generation_kwargs={
             "max_new_tokens": model_args.generation_max_new_tokens,
             "num_beams": model_args.generation_num_beams,
@@ -709,8 +752,11 @@ def main(
         caption_metrics=model_args.caption_metrics,
         image_threads=data_args.image_threads,
     )
-    train_output = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
+    if resume is not None and is_main:
+        logger.info(describe_resume(resume))
+    train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output_dir))  # safetensors weights + config + the GitProcessor
+    trainer.save_state()  # trainer_state.json: the steps and epochs that ran (publish_bundle's card reads it)
     train_metrics = dict(train_output.metrics)
     trainer.save_metrics("train", train_metrics)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
@@ -718,27 +764,25 @@ def main(
         trainer.save_metrics("eval", eval_metrics)
 
     result = CaptionTrainingResult(output_dir, trainer, train_metrics, eval_metrics, report)
+    push_failure = None
     if is_main:
-        write_model_card(output_dir, model_args, eval_metrics, report)
+        data = describe_data(data_args)
+        write_model_card(output_dir, model_args, eval_metrics, report, data, trainer.state)
         if push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
             private = True if training_args.hub_private_repo is None else training_args.hub_private_repo
             try:
                 result.hub_url = push_output(output_dir, repo_id, private=private, token=training_args.hub_token)
                 logger.info("Pushed to %s", result.hub_url)
-            except Exception as error:  # any Hub/network failure: the local model is complete and kept
-                result.push_error = f"{type(error).__name__}: {error}"
-                logger.error(
-                    "Push to %s failed (%s). The trained model is complete in %s; upload it later with "
-                    "`hf upload %s %s`.",
-                    repo_id,
-                    type(error).__name__,
-                    output_dir,
-                    repo_id,
-                    output_dir,
-                )
+            except HubPushError as error:  # the local model is complete and kept; the run still exits non-zero
+                push_failure = error
+                result.push_error = str(error)
         summary = {
             "world_size": training_args.world_size,
+            "base_model": hub_base_model(model_args.model_name_or_path),
+            "data": {key: value for key, value in data.items() if key != "local"},
+            "optimizer_steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
             "rows": report.rows,
             "bad_rows": len(report.bad_rows),
             "normalised_modes": dict(report.normalised_modes),
@@ -749,6 +793,9 @@ def main(
         }
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log_bad_rows(report)
+    if push_failure is not None:
+        push_failure.result = result
+        raise push_failure
     return result
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,12 +59,22 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 from trl.trainer import utils as trl_utils
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from hub_push import HubPushError, push_folder
 from med_alpaca_data import (
-    load_instruction_records,
+    read_instruction_records,
     to_prompt_completion,
     validate_instruction_records,
 )
 from modeling_visual_med_alpaca import DISCLAIMER, InputError, VisualMedAlpacaError
+from training_runs import (
+    RunRecordCallback,
+    describe_resume,
+    file_digest,
+    make_run_record,
+    prepare_run,
+    restored_counters,
+    training_settings,
+)
 
 MERGED_SUBDIR = "merged"
 
@@ -78,12 +87,6 @@ class TrainingRunError(VisualMedAlpacaError):
     """Training stopped because continuing would waste the run (non-finite loss, a batch with nothing to learn)."""
 
     exit_code = 4
-
-
-class HubPushError(VisualMedAlpacaError):
-    """The trained model could not be pushed; the local output is intact."""
-
-    exit_code = 5
 
 
 def cpu_has_native_bf16() -> bool:
@@ -124,6 +127,10 @@ class ScriptArguments:
     merge_dtype: str = field(
         default="bfloat16",
         metadata={"help": "dtype of the merged model.", "choices": ["bfloat16", "float16", "float32"]},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an --output_dir that holds another run's output (a training output only)."},
     )
     push_attempts: int = field(default=3, metadata={"help": "Attempts for --push_to_hub before giving up."})
     push_retry_wait: float = field(default=10.0, metadata={"help": "Seconds before the first retry; doubles."})
@@ -308,24 +315,33 @@ def merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path, dtype: s
     return output_dir
 
 
-def write_model_card(folder: Path, base_model: str, dataset_name: str, training_args, model_args) -> Path:
+def write_model_card(folder: Path, base_model: str, dataset_name: str, training_args, model_args, state) -> Path:
+    """The card states what ran: the optimizer steps and epochs actually trained (``state``), not the requested ones."""
     method = (
         f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}, "
         f"modules {', '.join(model_args.lora_target_modules or [])})"
         if model_args.use_peft
         else "full fine-tuning"
     )
+    effective_batch = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    # Only a Hub id is a base model on the Hub; a local folder's path means nothing there.
+    is_hub_id = not Path(base_model).exists() and len(base_model.split("/")) == 2
+    base_line = f"base_model: {base_model}\n" if is_hub_id else ""
+    library = "peft" if model_args.use_peft and not (folder / "model.safetensors").exists() else "transformers"
     card = f"""---
-base_model: {base_model}
-library_name: {"peft" if model_args.use_peft and not (folder / "model.safetensors").exists() else "transformers"}
+{base_line}library_name: {library}
 tags: [medical, biomedical, alpaca, trl, sft, research-only]
 ---
 
 # Med-Alpaca
 
 {base_model} fine-tuned on biomedical instructions (`{Path(dataset_name).name}`) with TRL's SFTTrainer:
-{method}, learning rate {training_args.learning_rate}, {training_args.num_train_epochs} epochs,
-max length {training_args.max_length}. Prompts use the Alpaca training template of Visual Med-Alpaca.
+{method}, learning rate {training_args.learning_rate},
+{state.global_step} optimizer steps ({state.epoch or 0:.2f} epochs) of {effective_batch} sequences,
+max length {training_args.max_length}.
+Prompts use the Alpaca training template of Visual Med-Alpaca.
 
 > **{DISCLAIMER}**
 """
@@ -344,28 +360,19 @@ def push_to_hub(
     retry_wait: float = 10.0,
     api: HfApi | None = None,
 ) -> str:
-    """Upload ``folder`` (checkpoints left out) to a private-by-default repo, retrying; the folder is never touched."""
-    api = api or HfApi(token=token)
-    last_error = None
-    for attempt in range(1, attempts + 1):
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=str(folder),
-                commit_message="Upload Med-Alpaca trained with train_sft.py",
-                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
-            )
-            return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
-        except Exception as error:  # network, auth and server errors all mean "try again, then keep local"
-            last_error = error
-            print(f"Push attempt {attempt}/{attempts} to {repo_id} failed: {type(error).__name__}", file=sys.stderr)
-            if attempt < attempts:
-                time.sleep(retry_wait * 2 ** (attempt - 1))
-    raise HubPushError(
-        f"Could not push to {repo_id} after {attempts} attempts ({type(last_error).__name__}). The trained model is "
-        f"intact in {folder}; push it later with `hf upload {repo_id} {folder}` or rerun with --push_to_hub."
+    """Upload ``folder`` (no checkpoints) to a private-by-default repo, retrying; ``HubPushError`` names the retry."""
+    commit = push_folder(
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        commit_message="Upload Med-Alpaca trained with train_sft.py",
+        attempts=attempts,
+        retry_wait=retry_wait,
+        what="trained model",
+        api=api or HfApi(token=token),
     )
+    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +404,27 @@ def _print_derived_numbers(trainer: SFTTrainer, training_args, report) -> None:
     )
 
 
+def sft_run_settings(script_args: ScriptArguments, training_args, model_args) -> dict:
+    """The settings that decide what a run computes (its fingerprint): model, data, method, schedule, batch, seed."""
+    return {
+        **training_settings(training_args),
+        "model": model_args.model_name_or_path,
+        "model_revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "dataset": script_args.dataset_name,
+        "dataset_split": script_args.dataset_split,
+        "dataset_sha256": file_digest(script_args.dataset_name),
+        "max_length": training_args.max_length,
+        "packing": training_args.packing,
+        "completion_only_loss": training_args.completion_only_loss,
+        "use_peft": model_args.use_peft,
+        "lora": [model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.lora_target_modules]
+        if model_args.use_peft
+        else None,
+        "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+    }
+
+
 def main(
     script_args: ScriptArguments, training_args: MedAlpacaSFTConfig, model_args: MedAlpacaModelConfig, callbacks=None
 ):
@@ -423,20 +451,25 @@ def main(
         "attn_implementation": model_args.attn_implementation,
     }
 
+    run_record = make_run_record(sft_run_settings(script_args, training_args, model_args))
+    # The main process checks (and with --overwrite_output_dir replaces) the folder before the others look at it.
+    with training_args.main_process_first(local=False, desc="checking --output_dir"):
+        resume = prepare_run(
+            training_args.output_dir,
+            run_record,
+            training_args.resume_from_checkpoint,
+            script_args.overwrite_output_dir,
+            is_main=training_args.process_index == 0,
+        )
+
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    records = load_instruction_records(script_args.dataset_name, script_args.dataset_split)
+    records, locations = read_instruction_records(script_args.dataset_name, script_args.dataset_split)
     kept, report = validate_instruction_records(
-        records, tokenizer, training_args.max_length, script_args.max_dropped_share
+        records, tokenizer, training_args.max_length, script_args.max_dropped_share, locations
     )
     if training_args.process_index == 0:
         print(report.summary())
     dataset = Dataset.from_list([to_prompt_completion(record) for record in kept])
-
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if resume is None:
-            raise TrainingConfigError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
 
     trainer = MedAlpacaSFTTrainer(
         model=model_args.model_name_or_path,
@@ -447,16 +480,23 @@ def main(
         quantization_config=get_quantization_config(model_args),
         callbacks=callbacks,
     )
+    # TRL's token counter is not part of the Trainer's state: each checkpoint keeps it beside the fingerprint.
+    trainer.add_callback(RunRecordCallback(run_record, lambda: {"num_tokens": trainer._total_train_tokens}))
     attention = str(getattr(trainer.model.config, "_attn_implementation", None))
     if trainer.padding_free and training_args.packing and not has_varlen_attention(attention):
         trainer.data_collator = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
     _print_derived_numbers(trainer, training_args, report)
+    if resume is not None:
+        trainer.accelerator.print(describe_resume(resume))
+        trainer._total_train_tokens = int(restored_counters(resume).get("num_tokens", 0))
     trainer.train(resume_from_checkpoint=resume)
 
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
+    trainer.save_state()  # trainer_state.json: the steps and epochs that ran, for the cards (publish_bundle reads it)
     trainer.accelerator.wait_for_everyone()
     final_dir = output_dir
+    push_error = None
     if trainer.accelerator.is_main_process:
         trainer.accelerator.print(f"Saved to {output_dir}")
         if script_args.merge:
@@ -468,18 +508,25 @@ def main(
                 model_args.model_revision,
             )
             print(f"Merged model ({script_args.merge_dtype}) saved to {final_dir}")
-        write_model_card(final_dir, model_args.model_name_or_path, script_args.dataset_name, training_args, model_args)
+        write_model_card(
+            final_dir, model_args.model_name_or_path, script_args.dataset_name, training_args, model_args, trainer.state
+        )
         if push_requested:
-            url = push_to_hub(
-                final_dir,
-                training_args.hub_model_id,
-                private=training_args.hub_private_repo is not False,
-                token=training_args.hub_token,
-                attempts=script_args.push_attempts,
-                retry_wait=script_args.push_retry_wait,
-            )
-            print(f"Pushed to {url}")
+            try:
+                url = push_to_hub(
+                    final_dir,
+                    training_args.hub_model_id,
+                    private=training_args.hub_private_repo is not False,
+                    token=training_args.hub_token,
+                    attempts=script_args.push_attempts,
+                    retry_wait=script_args.push_retry_wait,
+                )
+                print(f"Pushed to {url}")
+            except HubPushError as error:  # raised after the barrier, so no other rank waits on this one
+                push_error = error
     trainer.accelerator.wait_for_everyone()
+    if push_error is not None:
+        raise push_error
     return trainer
 
 

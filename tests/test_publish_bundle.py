@@ -15,6 +15,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from hub_push import PUSH_EXCLUDE, HubPushError
 from modeling_visual_med_alpaca import ALPACA_CHAT_TEMPLATE, DISCLAIMER, build_inference_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def trained_parts(tiny_parts, tmp_path_factory):
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     peft_model.save_pretrained(adapter_dir)
-    state = {"num_train_epochs": 3, "global_step": 12, "train_batch_size": 4}
+    state = {"num_train_epochs": 3, "max_steps": 12, "global_step": 12, "epoch": 1.5, "train_batch_size": 4}
     state["log_history"] = [{"loss": 2.5, "learning_rate": 1e-4, "step": 6}, {"loss": 1.25, "learning_rate": 5e-5}]
     _leave_training_leftovers(adapter_dir)
     (adapter_dir / "trainer_state.json").write_text(json.dumps(state))
@@ -197,7 +198,8 @@ def test_model_card_metadata_and_sections(published):
     assert data["pipeline_tag"] == "image-text-to-text"
     assert data["library_name"] == "transformers"
     assert data["license"] == "other" and data["license_name"]
-    assert data["base_model"] == ["microsoft/git-base"]  # the LM base here is a local folder, not a Hub id
+    # Both bases are local folders and the captioner records no Hub base: no base model is claimed.
+    assert data.get("base_model") is None
     assert data["datasets"] == ["org/roco-captions"]
     assert "medical" in data["tags"]
     result = data["model-index"][0]["results"][0]
@@ -211,6 +213,9 @@ def test_model_card_metadata_and_sections(published):
     # Hyper-parameters from the adapter config and the trainer state; the eval table.
     assert "| r | 8 |" in text and "| lora_alpha | 16 |" in text and "| target_modules | q_proj, v_proj |" in text
     assert "| final_train_loss | 1.25 |" in text and "| None |" not in text and "Datasets: `org/roco-captions`" in text
+    # The steps and epochs that ran, not the requested num_train_epochs.
+    assert "| global_step | 12 |" in text and "| epochs | 1.5 |" in text and "num_train_epochs" not in text
+    assert "ROCO" not in text and "data its checkpoint does not record" in text
     assert "| VQA-RAD | test | closed/accuracy | 0.5 |" in text
 
 
@@ -250,7 +255,7 @@ def test_merged_language_model_with_chart_reader_in_bfloat16(trained_parts, tmp_
     bundle = AutoModel.from_pretrained(str(output_dir), trust_remote_code=True)
     assert bundle.dtype == torch.bfloat16 and bundle.chart_reader is not None
     assert set(bundle.available_experts) == {"radiology", "chart"}
-    assert "google/deplot" in ModelCard.load(output_dir / "README.md").data.base_model
+    assert ModelCard.load(output_dir / "README.md").data.base_model is None  # a local DePlot is not google/deplot
     assert len(result["verification"]) == 2
 
 
@@ -282,11 +287,16 @@ def test_push_is_private_by_default_and_prints_the_pin(published, capsys):
         {"repo_id": "org/visual-med-alpaca", "repo_type": "model", "private": True, "exist_ok": True},
     )
     assert hub.calls[1][1]["folder_path"] == str(output_dir)
+    assert hub.calls[1][1]["ignore_patterns"] == list(PUSH_EXCLUDE)
 
 
-def test_main_pushes_only_verified_bundles_and_a_failed_push_keeps_the_folder(trained_parts, tmp_path, capsys):
+def test_main_pushes_only_verified_bundles_and_a_failed_push_keeps_the_folder(
+    trained_parts, tmp_path, capsys, monkeypatch
+):
+    from hub_cli import retry_command_from, run_hf_cli
+
     from modeling_visual_med_alpaca import InputError
-    from publish_bundle import PushError, main
+    from publish_bundle import main
 
     # A train_sft.py adapter names its base: --language_model may then be left out.
     adapter = tmp_path / "adapter"
@@ -306,19 +316,58 @@ def test_main_pushes_only_verified_bundles_and_a_failed_push_keeps_the_folder(tr
     assert hub.calls[0][1]["private"] is True and len(result["verification"]) == 2
     out = capsys.readouterr().out
     assert f'revision="{result["commit_sha"]}"' in out and 'pipeline(model="org/visual-med-alpaca"' in out
-    # The card's loading snippet names the repository.
-    assert 'model="org/visual-med-alpaca"' in (output_dir / "README.md").read_text()
+    # The card's loading snippet names the repository; the adapter's local base is named, not its full path.
+    card = (output_dir / "README.md").read_text()
+    assert 'model="org/visual-med-alpaca"' in card
+    assert "| base model | local folder `llama-base` |" in card and str(trained_parts.base) not in card
 
     failing = tmp_path / "bundle-failing"
-    with pytest.raises(PushError) as raised:
-        main(_args(trained_parts, failing, repo_id="org/visual-med-alpaca"), api=_RecordingHub(True))
-    assert str(failing) in str(raised.value) and "kept" in str(raised.value)
+    hub = _RecordingHub(True)
+    with pytest.raises(HubPushError) as raised:
+        main(_args(trained_parts, failing, repo_id="org/visual-med-alpaca", push_retry_wait=0), api=hub)
+    assert raised.value.exit_code == 5 and str(failing) in str(raised.value) and "was not changed" in str(raised.value)
+    assert len([call for call in hub.calls if call[0] == "create_repo"]) == 3  # a connection error is retried
     assert (failing / "config.json").is_file() and (failing / "README.md").is_file()
 
-    offline = tmp_path / "bundle-offline"  # the real HfApi under HF_HUB_OFFLINE=1
-    with pytest.raises(PushError, match="kept"):
-        main(_args(trained_parts, offline, repo_id="org/visual-med-alpaca"))
+    offline = tmp_path / "bundle-offline"  # the real HfApi under HF_HUB_OFFLINE=1, with --no_private
+    with pytest.raises(HubPushError, match="OfflineModeIsEnabled") as raised:
+        main(_args(trained_parts, offline, repo_id="org/visual-med-alpaca", private=False))
     assert (offline / "config.json").is_file()
+    retried = run_hf_cli(retry_command_from(str(raised.value)), monkeypatch)
+    assert retried["private"] is False  # the user chose public: the retry keeps it
+    assert sorted(retried["uploaded"]) == sorted(str(p.relative_to(offline)) for p in offline.rglob("*") if p.is_file())
+
+
+def test_card_claims_a_base_model_and_roco_only_where_the_training_run_recorded_them(trained_parts, tmp_path):
+    from publish_bundle import captioner_data, default_base_models
+
+    demo_git = tmp_path / "demo-git"  # a train_git.py output from a random local base on the shipped VQA-RAD captions
+    demo_git.mkdir()
+    summary = {"base_model": None, "data": {"format": "imagefolder", "source": "vqa_rad_captions"}}
+    (demo_git / "run_summary.json").write_text(json.dumps(summary))
+    demo = _args(trained_parts, tmp_path / "b", captioner_checkpoint=str(demo_git))
+    assert default_base_models(demo) == []
+    assert captioner_data(demo) == "`vqa_rad_captions` (imagefolder layout)"
+
+    (demo_git / "run_summary.json").write_text(
+        json.dumps({"base_model": "microsoft/git-base", "data": {"format": "roco", "source": "roco-dataset"}})
+    )
+    real = _args(trained_parts, tmp_path / "b", captioner_checkpoint=str(demo_git), chart_checkpoint="google/deplot")
+    assert default_base_models(real) == ["microsoft/git-base", "google/deplot"]
+    assert "ROCO" in captioner_data(real)
+
+
+def test_command_line_push_failure_exits_5_and_keeps_the_bundle(trained_parts, tmp_path):
+    output_dir = tmp_path / "bundle"
+    command = [sys.executable, str(REPO_ROOT / "publish_bundle.py"), "--captioner_checkpoint", str(trained_parts.git)]
+    command += ["--language_model", str(trained_parts.base), "--adapter", str(trained_parts.adapter)]
+    command += ["--output_dir", str(output_dir), "--dtype", "float32", "--repo_id", "org/visual-med-alpaca"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "CUDA_VISIBLE_DEVICES": ""}
+    command += ["--push_retry_wait", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 5, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "hf upload org/visual-med-alpaca" in result.stderr
+    assert "--private" in result.stderr and (output_dir / "config.json").is_file()
 
 
 def test_quantised_base_is_refused(trained_parts, tmp_path):
@@ -413,8 +462,10 @@ def test_trainer_state_comes_from_the_latest_numbered_checkpoint(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     assert _trainer_state(str(tmp_path)) == {"global_step": 10}
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 12}))  # the run's own state wins
-    assert _trainer_state(str(tmp_path)) == {"global_step": 12}
+    # The run's own state wins; what ran is reported, not the requested schedule (a --max_steps 6 run says 3 epochs).
+    state = {"global_step": 6, "epoch": 0.75, "max_steps": 6, "num_train_epochs": 3}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert _trainer_state(str(tmp_path)) == {"global_step": 6, "epochs": 0.75}
     assert _trainer_state(str(tmp_path / "missing")) == {}
 
 

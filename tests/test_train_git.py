@@ -344,7 +344,7 @@ KILLING_RUNNER = textwrap.dedent(
 )
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_git_dir, caption_csvs, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(tiny_git_dir, caption_csvs, tmp_path, caplog):
     from safetensors.torch import load_file
 
     from train_git import main, parse_args
@@ -353,7 +353,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_git_dir, caption_csvs, tmp_
         return (
             cli_args(tiny_git_dir, output_dir, "--max_steps", "8", "--save_steps", "2", "--eval_strategy", "no")
             + csv_args(caption_csvs)
-            + ["--caption_metrics", "false"]
+            + ["--caption_metrics", "false", "--include_num_input_tokens_seen", "true"]
         )
 
     runner = tmp_path / "killing_runner.py"
@@ -368,11 +368,15 @@ def test_killed_run_resumes_to_the_same_weights(tiny_git_dir, caption_csvs, tmp_
 
     steps_run = StepRecorder()
     resumed_args = parse_args(run_args(tmp_path / "killed") + ["--resume_from_checkpoint", "last"])
-    resumed = main(*resumed_args, callbacks=[steps_run])
+    with caplog.at_level(logging.INFO, logger="train_git"):
+        resumed = main(*resumed_args, callbacks=[steps_run])
+    assert f"Resuming from {tmp_path / 'killed' / 'checkpoint-4'} (optimizer step 4)" in caplog.text
     assert resumed.trainer.state.global_step == 8
     assert steps_run.steps == [5, 6, 7, 8]  # continued after checkpoint-4, did not start over
 
-    main(*parse_args(run_args(tmp_path / "straight")))
+    straight = main(*parse_args(run_args(tmp_path / "straight")))
+    # The token counter continued from the checkpoint instead of restarting at 0.
+    assert resumed.trainer.state.num_input_tokens_seen == straight.trainer.state.num_input_tokens_seen > 0
     weights_resumed = load_file(tmp_path / "killed" / "model.safetensors")
     weights_straight = load_file(tmp_path / "straight" / "model.safetensors")
     for name, tensor in weights_straight.items():
@@ -392,7 +396,7 @@ class FakeHubApi:
         FakeHubApi.calls.append(("create_repo", repo_id, private))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
         if FakeHubApi.fail:
             raise ConnectionError("Hub unreachable")
         FakeHubApi.calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
@@ -403,6 +407,7 @@ def test_push_to_hub_is_private_by_default_and_a_failure_keeps_the_model(
     tiny_git_dir, caption_csvs, tmp_path, monkeypatch, fail
 ):
     import train_git
+    from hub_push import PUSH_EXCLUDE, HubPushError
 
     FakeHubApi.calls = []
     FakeHubApi.fail = fail
@@ -412,17 +417,139 @@ def test_push_to_hub_is_private_by_default_and_a_failure_keeps_the_model(
         + csv_args(caption_csvs)
         + ["--push_to_hub", "--hub_model_id", "org/med-git", "--caption_metrics", "false"]
     )
-    result = train_git.main(*args)
+    if fail:
+        with pytest.raises(HubPushError) as raised:
+            train_git.main(*args)
+        result = raised.value.result
+        assert raised.value.exit_code == 5 and "ConnectionError: Hub unreachable" in str(raised.value)
+    else:
+        result = train_git.main(*args)
     assert FakeHubApi.calls[0] == ("create_repo", "org/med-git", True)
     assert (tmp_path / "med-git" / "model.safetensors").is_file()
     summary = json.loads((tmp_path / "med-git" / "run_summary.json").read_text())
     if fail:
-        assert result.hub_url is None and "ConnectionError" in result.push_error
+        assert result.hub_url is None and "hf upload org/med-git" in result.push_error
         assert summary["push_error"] == result.push_error
     else:
         _, repo_id, files, ignored = FakeHubApi.calls[1]
         assert {"model.safetensors", "config.json", "processor_config.json", "README.md"} <= set(files)
-        assert "checkpoint-*" in ignored and result.hub_url.endswith("org/med-git") and result.push_error is None
+        assert ignored == list(PUSH_EXCLUDE) and result.hub_url.endswith("org/med-git") and result.push_error is None
+
+
+def test_unreachable_hub_exits_5_keeps_the_model_and_prints_a_private_retry_that_works(
+    tiny_git_dir, caption_csvs, tmp_path, monkeypatch
+):
+    """A real process against a Hub address that refuses connections: exit 5, not 0; the retry command, run through
+    huggingface_hub's own CLI, creates a private repository and uploads the model but no checkpoint or pickled state."""
+    from hub_cli import retry_command_from, run_hf_cli
+
+    output_dir = tmp_path / "med-git"
+    argv = cli_args(tiny_git_dir, output_dir, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no")
+    argv += csv_args(caption_csvs) + ["--push_to_hub", "--hub_model_id", "org/med-git", "--caption_metrics", "false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_git.py"), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 5, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "Pushing to org/med-git failed" in run.stderr
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "checkpoint-2" / "optimizer.pt").is_file()
+    assert json.loads((output_dir / "run_summary.json").read_text())["push_error"]
+
+    uploaded = run_hf_cli(retry_command_from(run.stderr), monkeypatch)
+    assert uploaded["repo_id"] == "org/med-git" and uploaded["private"] is True
+    assert {"model.safetensors", "config.json", "README.md"} <= set(uploaded["uploaded"])
+    leaked = [p for p in uploaded["uploaded"] if p.startswith("checkpoint-") or p.endswith((".pt", ".pth", ".bin"))]
+    assert leaked == [] and "run_fingerprint.json" not in uploaded["uploaded"]
+
+
+def test_a_public_run_retry_stays_public(tmp_path, monkeypatch):
+    from hub_cli import run_hf_cli
+
+    from hub_push import retry_command
+
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    assert run_hf_cli(retry_command("org/open", tmp_path, private=False), monkeypatch)["private"] is False
+    excludes = ["checkpoint-*", "runs/*", "*.pt", "*.pth", "rng_state*", "training_args.bin", "run_fingerprint.json"]
+    assert retry_command("org/x", tmp_path, private=True) == [
+        *("hf", "upload", "org/x", str(tmp_path), ".", "--repo-type", "model", "--private"),
+        *(argument for pattern in excludes for argument in ("--exclude", pattern)),
+    ]
+
+
+# ----------------------------------------------------------------------------- output folder and resume
+
+
+def test_an_output_dir_of_another_run_is_refused_and_replaced_only_on_request(tiny_git_dir, caption_csvs, tmp_path):
+    from train_git import main, parse_args
+    from training_runs import OutputDirError, ResumeMismatchError
+
+    output_dir = tmp_path / "med-git"
+
+    def run(steps, *extra):
+        argv = cli_args(tiny_git_dir, output_dir, "--max_steps", str(steps), "--save_steps", "2")
+        return main(
+            *parse_args(argv + csv_args(caption_csvs) + ["--eval_strategy", "no", "--caption_metrics", "false", *extra])
+        )
+
+    run(6)
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    before = sorted(str(p) for p in output_dir.rglob("*"))
+    with pytest.raises(OutputDirError, match=r"different run .*max_steps \(6 there, 2 here\).*--overwrite_output_dir"):
+        run(2)
+    assert sorted(str(p) for p in output_dir.rglob("*")) == before  # nothing written, nothing deleted
+    # The same settings again with checkpoints present: resume or start over, never a silent mix.
+    with pytest.raises(OutputDirError, match="resume_from_checkpoint last"):
+        run(6)
+    # Resuming with other settings is refused, naming what differs.
+    with pytest.raises(ResumeMismatchError, match=r"checkpoint-6 belongs to a run with other settings: learning_rate"):
+        run(6, "--resume_from_checkpoint", "last", "--learning_rate", "1e-3")
+
+    run(2, "--overwrite_output_dir", "true")
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]  # no checkpoint-4/6 left
+    card = (output_dir / "README.md").read_text()
+    assert "2 optimizer steps (0.50 epochs)" in card and "3.0 epochs" not in card
+
+
+def test_overwrite_never_deletes_a_folder_no_training_run_wrote(tiny_git_dir, caption_csvs, tmp_path):
+    from train_git import main, parse_args
+    from training_runs import OutputDirError
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("keep me")
+    argv = cli_args(tiny_git_dir, notes, "--max_steps", "1") + csv_args(caption_csvs) + ["--eval_strategy", "no"]
+    with pytest.raises(OutputDirError, match="not empty"):
+        main(*parse_args(argv))
+    with pytest.raises(OutputDirError, match="no training run wrote"):
+        main(*parse_args(argv + ["--overwrite_output_dir", "true"]))
+    assert sorted(p.name for p in notes.iterdir()) == ["thesis.txt"]
+
+
+def test_shipped_caption_layout_trains_as_documented(tiny_git_dir, tmp_path):
+    """README: `train_git.py --data_dir DIR` with an imagefolder layout; data/vqa_rad_captions is the demo's."""
+    from train_git import CaptionDataArguments, main, parse_args, prepare_caption_data
+
+    splits, report = prepare_caption_data(
+        CaptionDataArguments(data_dir=str(REPO_ROOT / "data" / "vqa_rad_captions")), show_progress=False
+    )
+    assert (len(splits["train"]), len(splits["validation"]), report.bad_rows) == (68, 6, [])
+    argv = cli_args(tiny_git_dir, tmp_path / "out", "--max_steps", "1", "--eval_strategy", "no")
+    result = main(
+        *parse_args(argv + ["--data_dir", str(REPO_ROOT / "data" / "vqa_rad_captions"), "--caption_metrics", "false"])
+    )
+    assert result.trainer.state.global_step == 1 and (tmp_path / "out" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["data"] == {"format": "imagefolder", "source": "vqa_rad_captions"} and summary["base_model"] is None
+
+
+def test_shipped_caption_layout_is_what_its_builder_writes(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "data" / "vqa_rad_captions"))
+    import build_captions
+
+    build_captions.write_layout(tmp_path)
+    for split in ("train", "validation"):
+        shipped = (REPO_ROOT / "data" / "vqa_rad_captions" / split / "metadata.csv").read_text()
+        assert (tmp_path / split / "metadata.csv").read_text() == shipped
 
 
 def _free_port():

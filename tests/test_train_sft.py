@@ -11,19 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hub_push import PUSH_EXCLUDE, HubPushError
 from med_alpaca_data import (
     SAMPLE_PATH,
     TrainingDataError,
     load_instruction_records,
+    read_instruction_records,
     to_prompt_completion,
     validate_instruction_records,
     write_jsonl,
 )
 from modeling_visual_med_alpaca import DISCLAIMER, build_training_prompt
 from train_sft import (
-    HubPushError,
     PackedRowsCollator,
-    TrainingConfigError,
     TrainingRunError,
     cpu_has_native_bf16,
     main,
@@ -85,11 +85,12 @@ class FakeHfApi:
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         self.created.append({"repo_id": repo_id, "private": private})
 
-    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
         if self.failures:
             self.failures -= 1
             raise ConnectionError("hub unreachable")
-        self.uploads.append({"repo_id": repo_id, "files": sorted(p.name for p in Path(folder_path).iterdir())})
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        self.uploads.append({"repo_id": repo_id, "files": files, "ignore_patterns": ignore_patterns})
         return type("Commit", (), {"commit_url": f"https://hub.local/{repo_id}/commit/1"})()
 
 
@@ -286,19 +287,47 @@ def test_push_is_private_carries_model_card_and_retries(lora_run):
     assert len(fake_api.created) == 2  # the first upload failed and was retried
     assert "model.safetensors" in fake_api.uploads[0]["files"]  # the merged model was pushed
     assert "README.md" in fake_api.uploads[0]["files"]
-    assert DISCLAIMER in (output_dir / "merged" / "README.md").read_text()
+    assert fake_api.uploads[0]["ignore_patterns"] == list(PUSH_EXCLUDE)
+    card = (output_dir / "merged" / "README.md").read_text()
+    # The card states what ran: 10 optimizer steps of a --max_steps 10 run, not the default "3.0 epochs".
+    assert DISCLAIMER in card and "10 optimizer steps (" in card and "3.0 epochs" not in card
+    assert "base_model:" not in card  # the base is a local folder, not a Hub id
 
 
-def test_failed_push_keeps_local_output_and_says_what_to_do(tmp_path):
+def test_failed_push_keeps_local_output_and_says_what_to_do(tmp_path, monkeypatch):
+    from hub_cli import retry_command_from, run_hf_cli
+
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
     fake_api = FakeHfApi(failures=5)
     with pytest.raises(HubPushError) as error:
         push_to_hub(folder, "me/x", attempts=3, retry_wait=0, api=fake_api)
     assert len(fake_api.created) == 3 and not fake_api.uploads
-    assert str(folder) in str(error.value) and "hf upload" in str(error.value)
+    assert error.value.exit_code == 5 and str(folder) in str(error.value)
     assert (folder / "adapter_model.safetensors").read_bytes() == b"weights"
+    retry = retry_command_from(str(error.value))
+    assert retry == error.value.retry_command
+    uploaded = run_hf_cli(retry, monkeypatch)
+    assert uploaded["private"] is True and uploaded["uploaded"] == ["adapter_model.safetensors"]
+
+
+def test_offline_push_fails_at_once_with_exit_5_and_keeps_the_run(tiny_llama_dir, train_file, tmp_path, monkeypatch):
+    """The real HfApi with HF_HUB_OFFLINE=1: not retried (it cannot succeed), the adapter and card stay, exit 5."""
+    from hub_cli import retry_command_from, run_hf_cli
+
+    output_dir = tmp_path / "run"
+    args = parse(tiny_llama_dir, train_file, output_dir, "--max_steps", "1", "--save_steps", "1", "--bf16", "false")
+    args[0].push_retry_wait, args[1].push_to_hub, args[1].hub_model_id = 30.0, True, "me/med-alpaca"
+    with pytest.raises(HubPushError, match="OfflineModeIsEnabled") as error:
+        main(*args)
+    assert error.value.exit_code == 5
+    assert (output_dir / "adapter_model.safetensors").is_file() and (output_dir / "README.md").is_file()
+    uploaded = run_hf_cli(retry_command_from(str(error.value)), monkeypatch)
+    assert uploaded["private"] is True and "adapter_model.safetensors" in uploaded["uploaded"]
+    assert not [p for p in uploaded["uploaded"] if p.startswith("checkpoint-") or p.endswith((".pt", ".pth", ".bin"))]
 
 
 def test_all_masked_batch_is_refused(lora_run):
@@ -343,6 +372,41 @@ def test_validation_counts_planted_bad_records(tiny_llama_dir, tmp_path, capsys)
     message = str(error.value)
     assert "9 of 29 records" in message and "--max_dropped_share" in message
     assert "finding finding" not in message and "Name the organ" not in message  # no payload echoed
+    # Each problem names its field and the lines it is on (planted records are lines 21-29), with fitting advice.
+    assert "empty_output (field 'output'): 2 at line 21, line 22 -> write the answer" in message
+    assert "non_string_field (field 'output'): 1 at line 23" in message
+    assert "non_string_field (field 'instruction'): 1 at line 24 -> the field must be a string" in message
+    assert "missing_field (field 'output'): 1 at line 25 -> add the field" in message
+    assert "not_a_record: 1 at line 26" in message
+    assert "duplicate: 2 at line 27 (repeats line 1), line 28 (repeats line 2)" in message
+    assert "completion_cut_by_max_length: 1 at line 29 (" in message and "raise --max_length" in message
+
+
+def test_bad_data_gets_the_same_located_report_and_exit_code_from_validate_and_training(tiny_llama_dir, tmp_path):
+    """`med_alpaca_data.py validate` and `train_sft.py` on the same bad file: exit 2 both, lines and fields named."""
+    good = load_instruction_records(str(SAMPLE_PATH))[:4]
+    lines = [json.dumps(record) for record in good] + ["{not json", json.dumps({"instruction": "x", "output": " "})]
+    data_file = tmp_path / "bad.jsonl"
+    data_file.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # a blank line 3
+    validate = [sys.executable, str(REPO_ROOT / "med_alpaca_data.py"), "validate", str(data_file)]
+    train = [sys.executable, str(REPO_ROOT / "train_sft.py"), "--model_name_or_path", str(tiny_llama_dir)]
+    train += ["--dataset_name", str(data_file), "--output_dir", str(tmp_path / "out"), "--bf16", "false"]
+    results = [subprocess.run(c, env=_env(), capture_output=True, text=True, timeout=300) for c in (validate, train)]
+    for result in results:
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert "invalid_json: 1 at line 6 -> each line must be one JSON object" in result.stderr
+        assert "empty_output (field 'output'): 1 at line 7" in result.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # A JSON list gets the line each record starts on; a broken list says where it breaks.
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([*good, {"instruction": "x"}], indent=2))
+    records, locations = read_instruction_records(str(listed))
+    with pytest.raises(TrainingDataError, match=r"missing_field \(field 'output'\): 1 at line 22 ->"):
+        validate_instruction_records(records, max_dropped_share=0.1, locations=locations)
+    listed.write_text(listed.read_text().replace('"x"', '"x",,'))
+    with pytest.raises(TrainingDataError, match="line 23: Expecting"):
+        read_instruction_records(str(listed))
 
 
 @pytest.mark.parametrize(
@@ -354,9 +418,24 @@ def test_validation_counts_planted_bad_records(tiny_llama_dir, tmp_path, capsys)
     ],
 )
 def test_conflicting_flags_fail_before_training(tiny_llama_dir, train_file, tmp_path, flags, expected):
+    from modeling_visual_med_alpaca import InputError
+
     (tmp_path / "out").mkdir()
-    with pytest.raises(TrainingConfigError, match=expected):
+    with pytest.raises(InputError, match=expected):
         main(*parse(tiny_llama_dir, train_file, tmp_path / "out", *flags))
+
+
+def test_an_output_dir_of_another_run_or_checkpoint_is_refused_before_loading(lora_run, tiny_llama_dir, train_file):
+    from training_runs import OutputDirError, ResumeMismatchError
+
+    _, output_dir, _ = lora_run
+    before = sorted(str(p) for p in output_dir.rglob("*"))
+    with pytest.raises(OutputDirError, match=r"different run .*max_steps \(10 there, 2 here\)"):
+        main(*parse(tiny_llama_dir, train_file, output_dir, "--max_steps", "2", "--packing", "true"))
+    resume = ["--packing", "true", "--resume_from_checkpoint", "last", "--learning_rate", "5e-3", "--max_steps", "10"]
+    with pytest.raises(ResumeMismatchError, match=r"checkpoint-10 belongs to a run with other settings: learning_rate"):
+        main(*parse(tiny_llama_dir, train_file, output_dir, *resume))
+    assert sorted(str(p) for p in output_dir.rglob("*")) == before
 
 
 def test_recipes_hold_the_original_hyperparameters():
@@ -454,6 +533,9 @@ def test_sigkilled_run_resumes_to_the_same_final_state(tiny_llama_dir, train_fil
     assert resumed.state.global_step == reference.state.global_step == 5
     resumed_steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
     assert resumed_steps == [1, 2, 3, 4, 5]  # steps 1-2 restored from the checkpoint's state, 3-5 trained again
+    # TRL's token counter continued from checkpoint-2 instead of restarting at 0.
+    tokens = [[e["num_tokens"] for e in run.state.log_history if "num_tokens" in e] for run in (reference, resumed)]
+    assert tokens[0] == tokens[1] and tokens[1][-1] > tokens[1][1] > 0
     final = load_file(killed_dir / "adapter_model.safetensors")
     expected = load_file(tmp_path / "reference" / "adapter_model.safetensors")
     # Optimizer moments, schedule and data order were restored. The killed run is another process (other
