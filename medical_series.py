@@ -177,10 +177,10 @@ def _is_volume_file(stream) -> bool:
     head = stream.getvalue()
     if len(head) < 132 or head[128:132] != b"DICM":
         return False
-    dataset = _read_header(stream)
-    if dataset is None:
-        return False
     with _quiet():
+        dataset = _read_header(stream)
+        if dataset is None:
+            return False
         frames = _guarded(lambda: int(dataset.get("NumberOfFrames") or 1), None) or 1
         positions = _guarded(_frame_positions, None, dataset, frames) if frames > 1 else None
     return bool(positions) and all(position is not None for position in positions)
@@ -285,12 +285,26 @@ def _quiet():
         yield
 
 
+# The only elements parsed from each header (pydicom skips the others' values): faster, and nothing else is read.
+HEADER_KEYWORDS = (
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+
+
 def _read_header(stream):
-    """The dataset up to its pixel data (``stop_before_pixels``), or ``None`` when it is not a DICOM image."""
+    """The geometry elements of a dataset, read up to its pixel data (``stop_before_pixels``), or ``None`` when it
+    is not a DICOM image. Call inside ``_quiet()``."""
     from pydicom import dcmread
 
-    with _quiet():
-        dataset = _guarded(dcmread, None, stream, stop_before_pixels=True)
+    dataset = _guarded(dcmread, None, stream, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
     if dataset is None or "Rows" not in dataset or "Columns" not in dataset:
         return None
     return dataset
@@ -299,18 +313,19 @@ def _read_header(stream):
 def read_headers(members: list[_Member], notes: list[str]) -> list:
     """One header per member (``None`` for files that are not DICOM images, counted in a warning)."""
     headers, skipped = [], 0
-    for member in members:
-        try:
-            with member.open() as handle:
-                head = handle.read(132)
+    with _quiet():
+        for member in members:
+            try:
+                with member.open() as handle:
+                    head = handle.read(132)
+                    dataset = None
+                    if len(head) == 132 and head[128:132] == b"DICM":
+                        handle.seek(0)
+                        dataset = _read_header(handle)
+            except (OSError, zipfile.BadZipFile, RuntimeError, EOFError):
                 dataset = None
-                if len(head) == 132 and head[128:132] == b"DICM":
-                    handle.seek(0)
-                    dataset = _read_header(handle)
-        except (OSError, zipfile.BadZipFile, RuntimeError, EOFError):
-            dataset = None
-        skipped += dataset is None
-        headers.append(dataset)
+            skipped += dataset is None
+            headers.append(dataset)
     if skipped == len(members):
         raise InvalidImageError("The series holds no readable DICOM image file.")
     if skipped:
