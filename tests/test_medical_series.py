@@ -400,3 +400,19 @@ def test_a_published_bundle_reads_series_in_a_fresh_process(bundle_dir, ct_serie
     )
     assert payload["record"]["image_metadata"]["series"]["slices"] == 12
     assert payload["record"]["intermediate_text"].startswith("Slice 1 of 5 (2 of 12): ")
+
+
+def test_cli_ask_reads_a_series_folder_or_zip(bundle_dir, ct_series, vqa):
+    from test_cli import run_cli
+
+    from visual_med_alpaca_cli import EXIT_OK
+
+    result = run_cli("ask", "--model", bundle_dir, "--image", ct_series["folder"], "--json", "--show-prompt", "Q?")
+    assert result.returncode == EXIT_OK, result.stderr
+    expected = vqa({"image": str(ct_series["zip"]), "question": "Q?"}, return_prompt=True)
+    assert without_cache_flag(json.loads(result.stdout)) == without_cache_flag(expected)
+    result = run_cli("ask", "--model", bundle_dir, "--image", ct_series["zip"], "--series-mode", "middle", "Q?")
+    assert result.returncode == EXIT_OK, result.stderr
+    middle = vqa({"image": str(ct_series["folder"]), "question": "Q?"}, series_mode="middle")
+    assert f"Intermediate text: {middle['intermediate_text']}" in result.stdout.splitlines()
+    assert_no_secrets(result.stdout + result.stderr)
