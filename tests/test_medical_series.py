@@ -41,6 +41,7 @@ from medical_series import (
     slice_headers,
 )
 from modeling_visual_med_alpaca import (
+    DISCLAIMER,
     ImageInputError,
     ImageTooLargeError,
     InvalidImageError,
@@ -416,3 +417,34 @@ def test_cli_ask_reads_a_series_folder_or_zip(bundle_dir, ct_series, vqa):
     middle = vqa({"image": str(ct_series["folder"]), "question": "Q?"}, series_mode="middle")
     assert f"Intermediate text: {middle['intermediate_text']}" in result.stdout.splitlines()
     assert_no_secrets(result.stdout + result.stderr)
+
+
+def test_app_reads_a_series_upload(vqa, ct_series):
+    from gradio_client import Client, handle_file
+    from test_app import _free_port
+
+    import app
+
+    demo = app.build_app(vqa)
+    app.launch(demo, port=_free_port(), prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        expected = vqa.describe_image(str(ct_series["folder"]))
+        for upload in ([handle_file(str(path)) for path in ct_series["paths"]], [handle_file(str(ct_series["zip"]))]):
+            preview, chat, panel = client.predict(upload, api_name="/read_series")
+            assert preview is not None and chat == []
+            assert app.escape_markdown(expected["intermediate_text"].split("\n")[0]) in panel
+            assert "| series |" in panel and DISCLAIMER in panel
+            assert_no_secrets(panel)
+        _, chat, _ = client.predict("Which organ?", api_name="/ask")
+        answer = vqa(
+            {
+                "question": "Which organ?",
+                "expert": expected["expert"],
+                "intermediate_text": expected["intermediate_text"],
+            },
+            max_new_tokens=app.ANSWER_MAX_NEW_TOKENS,
+        )["answer"]
+        assert chat[1]["content"] == answer or answer in str(chat[1]["content"])
+    finally:
+        demo.close()
