@@ -421,7 +421,7 @@ def test_cli_ask_reads_a_series_folder_or_zip(bundle_dir, ct_series, vqa):
 
 def test_app_reads_a_series_upload(vqa, ct_series):
     from gradio_client import Client, handle_file
-    from test_app import _free_port
+    from test_app import _as_chatbot_shows, _free_port, _text
 
     import app
 
@@ -445,6 +445,35 @@ def test_app_reads_a_series_upload(vqa, ct_series):
             },
             max_new_tokens=app.ANSWER_MAX_NEW_TOKENS,
         )["answer"]
-        assert chat[1]["content"] == answer or answer in str(chat[1]["content"])
+        assert _text(chat[1]) == _as_chatbot_shows(answer)
     finally:
         demo.close()
+
+
+def test_evaluate_vqa_jsonl_rows_may_name_a_series_folder_or_zip(bundle_dir, ct_series, vqa, tmp_path):
+    import evaluate_vqa
+
+    lines = [
+        {"image": ct_series["folder"].name, "question": "Is it normal?", "answer": "yes"},
+        {"image": ct_series["zip"].name, "question": "Which organ?", "answer": "liver"},
+    ]
+    data = ct_series["folder"].parent / "series_set.jsonl"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    args = evaluate_vqa.EvaluationArguments(
+        model=str(bundle_dir),
+        dataset="jsonl",
+        data_path=str(data),
+        output_dir=str(tmp_path / "out"),
+        batch_size=2,
+        max_new_tokens=6,
+    )
+    report = evaluate_vqa.main(args)
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert report["n_errors"] == 0 and [r["error"] for r in records] == [None, None]
+    direct = vqa(
+        [{"image": str(ct_series["folder"].parent / line["image"]), "question": line["question"]} for line in lines],
+        max_new_tokens=args.max_new_tokens,
+    )
+    assert [r["prediction"] for r in records] == [d["answer"] for d in direct]
+    assert [r["intermediate_text"] for r in records] == [d["intermediate_text"] for d in direct]
+    assert all(r["intermediate_text"].startswith("Slice 1 of 5 (2 of 12): ") for r in records)
