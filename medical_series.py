@@ -512,6 +512,22 @@ def montage(images: list[Image.Image]) -> Image.Image:
 # ------------------------------------------------------------------------------------------ entry point
 
 
+def _decode_selected(members: list[_Member], chosen: list[SliceHeader], limits: dict, notes: list[str]) -> list:
+    """Only the chosen slices are read and decoded, each by ``load_image`` (windowed to 8-bit RGB)."""
+    multi_frame: dict[int, bytes] = {}  # a multi-frame file is read once for all its chosen frames
+    images = []
+    for item in chosen:
+        data = multi_frame.get(item.member)
+        if data is None:
+            data = _guarded(members[item.member].read, InvalidImageError("A file of the series could not be read."))
+            if item.frame is not None:
+                multi_frame[item.member] = data
+        loaded = load_image(data, frame=item.frame, **limits)
+        images.append(loaded)
+        notes.extend(note for note in loaded.warnings if not note.startswith(_FRAME_NOTE_PREFIX))
+    return images
+
+
 def load_series(
     source,
     *,
@@ -528,29 +544,17 @@ def load_series(
     check_series_options(series_mode, series_slices)
     notes: list[str] = []
     members = collect_members(source, max_members=max_members, max_series_bytes=max_series_bytes)
-    headers = read_headers(members, notes)
-    slices = slice_headers(headers)
-    check_volume_limits(slices, max_slices=max_slices, max_voxels=max_voxels)
-    ordered, spacing = order_slices(single_series(slices), notes)
-    selected = select_slices(len(ordered), series_mode, series_slices)
-
-    data: dict[int, bytes] = {}  # a multi-frame file is read once for all its selected frames
-    images: list[LoadedImage] = []
-    for index in selected:
-        item = ordered[index]
-        if item.member not in data:
-            data[item.member] = _guarded(
-                members[item.member].read, InvalidImageError("A file of the series could not be read.")
-            )
-        loaded = load_image(
-            data[item.member],
-            frame=item.frame,
-            max_bytes=max_series_bytes,
-            max_pixels=max_pixels,
-            max_decoded_bytes=max_decoded_bytes,
-        )
-        images.append(loaded)
-        notes.extend(note for note in loaded.warnings if not note.startswith(_FRAME_NOTE_PREFIX))
+    try:
+        headers = read_headers(members, notes)
+        slices = slice_headers(headers)
+        check_volume_limits(slices, max_slices=max_slices, max_voxels=max_voxels)
+        ordered, spacing = order_slices(single_series(slices), notes)
+        selected = select_slices(len(ordered), series_mode, series_slices)
+        limits = {"max_bytes": max_series_bytes, "max_pixels": max_pixels, "max_decoded_bytes": max_decoded_bytes}
+        images = _decode_selected(members, [ordered[index] for index in selected], limits, notes)
+    finally:
+        for archive in {id(member.archive): member.archive for member in members if member.archive}.values():
+            archive.close()
     series = {
         "slices": len(ordered),
         "selected": [index + 1 for index in selected],
