@@ -36,6 +36,13 @@ The prompt format is ``build_follow_up_prompt`` in ``modeling_visual_med_alpaca.
 exceed ``config.max_prompt_tokens`` the oldest turns are left out (never the instruction, the current
 question or the intermediate text) and a warning says how many.
 
+DICOM series and volumes: ``image`` may also be a folder, a ``.zip`` path or zip bytes, a list of paths or bytes
+(the files of one series), or an enhanced multi-frame CT/MR file (see ``medical_series.py``). ``series_mode``
+(call-time keyword, default ``config.series_mode``): ``"key_slices"`` — ``series_slices`` evenly spaced slices,
+each read by the expert in ascending order, the intermediate text one labelled line per slice
+(``"Slice 3 of 5 (7 of 12): ..."``); ``"middle"``; ``"montage"`` — the key slices tiled into one image, read once.
+``image_metadata["series"]`` = ``{"slices", "selected" (1-based), "spacing_mm", "mode"}``.
+
 Streaming (local language model): ``for chunk in vqa.stream(request): ...`` yields the answer's text
 pieces as they are generated, then, last, the full record (a dict).
 
