@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from series_factory import (
+    PYDICOM_FILES,
     SECRET_ID,
     SECRET_NAME,
     enhanced_volume,
@@ -164,6 +165,21 @@ def test_bad_series_options_are_typed_errors(mode, slices):
 
 
 # ------------------------------------------------------------------------------------------ sources and limits
+
+
+def test_which_sources_are_series(ct_series, radiology_images):
+    single = ct_series["paths"][0]
+    assert medical_series.is_series_source(str(ct_series["folder"]))
+    assert medical_series.is_series_source(ct_series["zip"]) and medical_series.is_series_source(
+        ct_series["zip"].read_bytes()
+    )
+    assert medical_series.is_series_source([single.read_bytes()])
+    assert medical_series.is_series_source(to_bytes(enhanced_volume(series_slices(3))))
+    # One slice, a 2-D image, a multi-frame file without per-frame positions, strings that are not paths: not series.
+    not_series = [str(single), single.read_bytes(), radiology_images[0].read_bytes(), str(radiology_images[0])]
+    not_series += [str(ct_series["folder"] / "no-such-folder"), "aGVsbG8=" * 100]
+    rtdose = PYDICOM_FILES / "rtdose.dcm"  # 15 frames, no plane positions
+    assert not any(medical_series.is_series_source(source) for source in [*not_series, str(rtdose)])
 
 
 def test_folder_zip_and_lists_load_the_same_series(ct_series):
