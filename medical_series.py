@@ -148,8 +148,7 @@ def is_series_source(source) -> bool:
     if isinstance(source, (list, tuple)):
         return True
     if isinstance(source, (bytes, bytearray, memoryview)):
-        head = bytes(source[:4])
-        return head in ZIP_SIGNATURES or _is_volume_file(io.BytesIO(bytes(source[:_VOLUME_PEEK_BYTES])))
+        return bytes(source[:4]) in ZIP_SIGNATURES or _is_volume_file(io.BytesIO(source))
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if isinstance(path, bytes) or len(path) > 4096 or "\x00" in path:
@@ -160,23 +159,21 @@ def is_series_source(source) -> bool:
             return False
         try:
             with open(path, "rb") as handle:
-                head = handle.read(_VOLUME_PEEK_BYTES)
+                return handle.read(4) in ZIP_SIGNATURES or _is_volume_file(handle)
         except OSError:
             return False
-        return head[:4] in ZIP_SIGNATURES or _is_volume_file(io.BytesIO(head))
     return False
 
 
-# The header of an enhanced volume (functional groups included) sits in its first bytes; a header that does not
-# fit is not treated as a volume (it is still read as one image, the middle frame).
-_VOLUME_PEEK_BYTES = 4 * 1024 * 1024
-
-
 def _is_volume_file(stream) -> bool:
-    """A multi-frame DICOM whose frames each carry a Plane Position (Patient): an enhanced CT/MR volume."""
-    head = stream.getvalue()
+    """A multi-frame DICOM whose frames each carry a Plane Position (Patient): an enhanced CT/MR volume.
+
+    Only the header is read (up to the pixel data), from the stream's start."""
+    stream.seek(0)
+    head = stream.read(132)
     if len(head) < 132 or head[128:132] != b"DICM":
         return False
+    stream.seek(0)
     with _quiet():
         dataset = _read_header(stream)
         if dataset is None:
