@@ -111,7 +111,7 @@ def series_benchmark(args: BenchmarkArguments) -> dict:
     volume_bytes = args.series_length * 512 * 512 * 2
     results = {"slices": args.series_length, "decoded_volume_mb": round(volume_bytes / 2**20, 1), "series": {}}
     with tempfile.TemporaryDirectory() as folder:
-        for name, rle in (("ct_200x512_uncompressed", False), ("ct_200x512_rle", True)):
+        for name, rle in (("ct_series_uncompressed", False), ("ct_series_rle", True)):
             folder_path = Path(folder) / name
             paths = write_series(datasets, folder_path, rle=rle)  # shuffled names
             files = sorted(folder_path.iterdir())
