@@ -190,6 +190,11 @@ def collect_members(
     max_series_bytes: int = DEFAULT_MAX_SERIES_BYTES,
 ) -> list[_Member]:
     """The files of a series source, with the member-count and total-size limits checked before any is read."""
+    unreadable = InvalidImageError("The series could not be read: a file or folder of it is unreadable.")
+    return _guarded(_collect_members, unreadable, source, max_members, max_series_bytes)
+
+
+def _collect_members(source, max_members: int, max_series_bytes: int) -> list[_Member]:
     if isinstance(source, (list, tuple)):
         return _list_members(source, max_members, max_series_bytes)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -319,7 +324,7 @@ def read_headers(members: list[_Member], notes: list[str]) -> list:
                     if len(head) == 132 and head[128:132] == b"DICM":
                         handle.seek(0)
                         dataset = _read_header(handle)
-            except (OSError, zipfile.BadZipFile, RuntimeError, EOFError):
+            except Exception:  # unreadable member (CRC error, unsupported compression ...): skipped and counted
                 dataset = None
             skipped += dataset is None
             headers.append(dataset)

@@ -277,6 +277,20 @@ def zip_declaring(size: int) -> bytes:
     return bytes(data)
 
 
+def test_unreadable_zip_members_are_skipped_and_counted(ct_series):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as handle:
+        for path in ct_series["paths"]:
+            handle.write(path, arcname=path.name)
+        handle.writestr(f"{SECRET_NAME}_extra.dcm", ct_series["paths"][0].read_bytes())
+    data = bytearray(buffer.getvalue())
+    last = data.rindex(b"PK\x01\x02")  # the last member's central directory entry
+    data[last + 10 : last + 12] = struct.pack("<H", 9)  # Deflate64: not supported by Python's zip reader
+    loaded = load_series(bytes(data))
+    assert loaded.warnings == ["1 file(s) of the series are not readable DICOM images and were skipped."]
+    assert loaded.metadata == load_series(ct_series["folder"]).metadata
+
+
 def test_a_zip_bomb_is_refused_from_its_directory_fast():
     start = time.perf_counter()
     with raises_typed(ImageTooLargeError, match="bytes, the limit") as raised:
