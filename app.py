@@ -5,6 +5,8 @@
 
 - Upload a PNG/JPEG or DICOM file: the visual expert reads it once; the panel shows which expert, its
   intermediate text, the image's technical fields (never patient identity) and the disclaimer.
+- Or upload a DICOM series (its files, or one .zip): the expert reads its key slices (see medical_series.py);
+  the preview tiles them.
 - Ask, then ask follow-ups: answers stream token by token; follow-ups reuse the image's intermediate
   text and the earlier turns (the pipeline trims the oldest turns when the context is full).
 - Requests wait in a queue (CONCURRENCY_LIMIT at a time, at most QUEUE_MAX_SIZE waiting); uploads are
@@ -14,6 +16,7 @@
 
 API (``gradio_client``): ``/read_image`` (file) and ``/ask`` (question; streams) share a session, so a
 client asks follow-ups the way the page does; ``/reset`` starts a new case.
+``/read_series`` (a list of files, or one zip) reads a DICOM series in place of ``/read_image``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from medical_image import load_image  # noqa: E402
+from medical_series import load_series  # noqa: E402
 from modeling_visual_med_alpaca import DISCLAIMER  # noqa: E402
 from visual_med_alpaca_cli import load_pipeline  # noqa: E402
 
@@ -115,6 +119,27 @@ def build_app(vqa) -> gr.Blocks:
         status = " ".join(f"⚠️ {w}" for w in described["warnings"])
         return preview, session, [], render_panel(session, status)
 
+    def read_series(uploads, session):
+        """A DICOM series: several files, or one .zip; the preview tiles the key slices the expert reads."""
+        session = new_session()
+        if not uploads:
+            return None, session, [], render_panel(session)
+        try:
+            files = [Path(upload if isinstance(upload, str) else upload.name).read_bytes() for upload in uploads]
+            source = files[0] if len(files) == 1 and files[0][:4] == b"PK\x03\x04" else files  # one zip, or slices
+            preview = load_series(source, series_mode="montage").images[0].image
+            described = vqa.describe_image(source)
+        except Exception as error:
+            return None, session, [], render_panel(session, _user_message(error))
+        session.update(
+            image_key=hashlib.sha256(b"".join(hashlib.sha256(data).digest() for data in files)).hexdigest(),
+            expert=described["expert"],
+            intermediate_text=described["intermediate_text"],
+            image_metadata=described["image_metadata"],
+        )
+        status = " ".join(f"⚠️ {w}" for w in described["warnings"])
+        return preview, session, [], render_panel(session, status)
+
     def ask(question, session):
         # The transcript is rebuilt from the session, so API clients and the page see the same conversation.
         chat = transcript(session)
@@ -155,6 +180,10 @@ def build_app(vqa) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image (PNG, JPEG or DICOM)", file_types=UPLOAD_TYPES, elem_id="upload")
+                # Any file type: DICOM files from an archive often have no extension (content decides).
+                series_upload = gr.File(
+                    label="Or a DICOM series (its files, or one .zip)", file_count="multiple", elem_id="series-upload"
+                )
                 preview = gr.Image(label="As the model sees it", interactive=False, elem_id="preview")
                 panel = gr.Markdown(render_panel(new_session()), elem_id="panel")
             with gr.Column(scale=2):
@@ -165,6 +194,9 @@ def build_app(vqa) -> gr.Blocks:
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
                     new_case = gr.Button("New case", elem_id="reset")
         upload.change(read_image, [upload, session], [preview, session, chat, panel], api_name="read_image")
+        series_upload.change(
+            read_series, [series_upload, session], [preview, session, chat, panel], api_name="read_series"
+        )
         gr.on(
             [send.click, question.submit],
             ask,

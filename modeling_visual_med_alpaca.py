@@ -364,6 +364,10 @@ class VisualMedAlpacaConfig(PretrainedConfig):
         intermediate_cache_size (`int`): how many experts' texts the pipeline keeps, keyed by image content,
             expert and weights revision, so several questions about one image run its expert once (LRU;
             `0` disables it). The pipeline's `intermediate_cache_size=` argument overrides it.
+        series_mode (`str`): how a DICOM series or volume reaches the 2-D experts: `"key_slices"` (default: the
+            expert reads `series_slices` evenly spaced slices, one by one), `"middle"` (the middle slice) or
+            `"montage"` (the key slices tiled into one image, read once). See `medical_series.py`.
+        series_slices (`int`): how many key slices `"key_slices"` and `"montage"` read (default 5).
         language_backend (`str` or `dict`, *optional*): who answers the prompt by default: `"local"` (or
             `None`, the bundle's own language model) or an OpenAI-compatible server, e.g.
             `{"type": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "med-alpaca",
@@ -395,6 +399,8 @@ class VisualMedAlpacaConfig(PretrainedConfig):
         answer_max_new_tokens: int = 128,
         max_prompt_tokens: int = 1536,
         intermediate_cache_size: int = 256,
+        series_mode: str = "key_slices",
+        series_slices: int = 5,
         language_backend: dict | str | None = None,
         ct_windows: list | None = None,
         tie_word_embeddings: bool = False,
@@ -412,6 +418,8 @@ class VisualMedAlpacaConfig(PretrainedConfig):
         self.answer_max_new_tokens = answer_max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.intermediate_cache_size = intermediate_cache_size
+        self.series_mode = series_mode
+        self.series_slices = series_slices
         self.language_backend = language_backend
         self.ct_windows = ct_windows
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

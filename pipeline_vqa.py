@@ -36,6 +36,13 @@ The prompt format is ``build_follow_up_prompt`` in ``modeling_visual_med_alpaca.
 exceed ``config.max_prompt_tokens`` the oldest turns are left out (never the instruction, the current
 question or the intermediate text) and a warning says how many.
 
+DICOM series and volumes: ``image`` may also be a folder, a ``.zip`` path or zip bytes, a list of paths or bytes
+(the files of one series), or an enhanced multi-frame CT/MR file (see ``medical_series.py``). ``series_mode``
+(call-time keyword, default ``config.series_mode``): ``"key_slices"`` — ``series_slices`` evenly spaced slices,
+each read by the expert in ascending order, the intermediate text one labelled line per slice
+(``"Slice 3 of 5 (7 of 12): ..."``); ``"middle"``; ``"montage"`` — the key slices tiled into one image, read once.
+``image_metadata["series"]`` = ``{"slices", "selected" (1-based), "spacing_mm", "mode"}``.
+
 Streaming (local language model): ``for chunk in vqa.stream(request): ...`` yields the answer's text
 pieces as they are generated, then, last, the full record (a dict).
 
@@ -75,6 +82,7 @@ try:
     from .image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from .language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from .medical_image import LoadedImage, dicom_prompt_context, load_image, parse_ct_windows
+    from .medical_series import check_series_options, is_series_source, load_series
     from .modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -92,6 +100,7 @@ except ImportError:  # imported from a checkout as a top-level module
     from image_router import MODE_DICOM, MODE_FORCED, RoutingDecision, build_router
     from language_backends import BACKEND_LOCAL, backend_name, get_backend, parse_backend, request_options
     from medical_image import LoadedImage, dicom_prompt_context, load_image, parse_ct_windows
+    from medical_series import check_series_options, is_series_source, load_series
     from modeling_visual_med_alpaca import (
         DISCLAIMER,
         EXPERT_CHART,
@@ -282,6 +291,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         generate_kwargs: dict | None = None,
         caption_generate_kwargs: dict | None = None,
         backend: str | dict | None = None,
+        series_mode: str | None = None,
+        series_slices: int | None = None,
         **kwargs,
     ):
         preprocess_params: dict[str, Any] = {}
@@ -290,6 +301,12 @@ class VisualMedAlpacaPipeline(Pipeline):
 
         if expert is not None:
             preprocess_params["expert"] = _check_expert_name(expert, self.model.config.experts)
+        if series_mode is not None or series_slices is not None:
+            config = self.model.config
+            series_mode = series_mode if series_mode is not None else config.series_mode
+            series_slices = series_slices if series_slices is not None else config.series_slices
+            check_series_options(series_mode, series_slices)
+            preprocess_params.update(series_mode=series_mode, series_slices=series_slices)
         if return_prompt is not None:
             postprocess_params["return_prompt"] = bool(return_prompt)
         if dicom_context:
@@ -301,7 +318,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         if unknown:
             raise UnknownParameterError(
                 f"Unknown parameter(s): {', '.join(unknown)}. Accepted: expert, return_prompt, dicom_context, "
-                "ct_windows, generate_kwargs, caption_generate_kwargs, backend, and GenerationConfig keywords such as "
+                "ct_windows, generate_kwargs, caption_generate_kwargs, backend, series_mode, series_slices, and "
+                "GenerationConfig keywords such as "
                 "max_new_tokens or num_beams. "
                 "Loading options (load_in_8bit, dtype, device_map) go to pipeline(...)/model_kwargs instead."
             )
@@ -365,7 +383,14 @@ class VisualMedAlpacaPipeline(Pipeline):
 
     # ------------------------------------------------------------------ stages
 
-    def preprocess(self, request: dict, expert: str | None = None, ct_windows=None) -> dict:
+    def preprocess(
+        self,
+        request: dict,
+        expert: str | None = None,
+        ct_windows=None,
+        series_mode: str | None = None,
+        series_slices: int | None = None,
+    ) -> dict:
         warnings: list[str] = []
         question, changed = neutralize_template_markers(request["question"].strip())
         if changed:
@@ -376,6 +401,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         routing = None
         image_metadata: dict = {}
         image_hash = None
+        slice_labels = None
         history, precomputed_text = self._conversation(request, warnings)
         if precomputed_text is not None:
             # A follow-up about an image already read: reuse its text, do not run the expert again.
@@ -385,8 +411,9 @@ class VisualMedAlpacaPipeline(Pipeline):
         elif request.get("image") is not None:
             if ct_windows is None:
                 ct_windows = getattr(self.model.config, "ct_windows", None)
-            loaded: LoadedImage = load_image(request["image"], ct_windows=ct_windows)
-            warnings.extend(loaded.warnings)
+            # A series' key slices are read one by one, in ascending order, each labelled in the text.
+            images, slice_labels = self._load_images(request["image"], series_mode, series_slices, ct_windows, warnings)
+            loaded: LoadedImage = images[0]
             image_metadata = dict(loaded.metadata)
             decision = self._route(loaded, requested, warnings)
             routing = decision.as_record()
@@ -402,9 +429,11 @@ class VisualMedAlpacaPipeline(Pipeline):
                 )
                 chosen = EXPERT_RADIOLOGY
             if chosen is not None:
-                image_features = self.experts[chosen].prepare(loaded.image)
-                if self.intermediate_cache.enabled:
-                    image_hash = image_content_hash(loaded.image)
+                features = [self.experts[chosen].prepare(image.image) for image in images]
+                hashes = [
+                    image_content_hash(image.image) if self.intermediate_cache.enabled else None for image in images
+                ]
+                image_features, image_hash = (features, hashes) if slice_labels else (features[0], hashes[0])
         elif requested is not None and requested != "none":
             warnings.append(f"expert={requested!r} was requested but no image was given; answered without one.")
         # Values are plain Python / dicts so the default collate passes them through as lists.
@@ -414,11 +443,30 @@ class VisualMedAlpacaPipeline(Pipeline):
             "routing": routing,
             "image_features": image_features,
             "image_hash": image_hash,
+            "slice_labels": slice_labels,
             "image_metadata": image_metadata,
             "warnings": warnings,
             "history": history,
             "precomputed_text": precomputed_text,
         }
+
+    def _load_images(
+        self, image, series_mode, series_slices, ct_windows, warnings: list[str]
+    ) -> tuple[list[LoadedImage], list[str] | None]:
+        """One loaded image, or the selected slices of a series and their labels (see medical_series.py)."""
+        if not is_series_source(image):
+            loaded = load_image(image, ct_windows=ct_windows)
+            warnings.extend(loaded.warnings)
+            return [loaded], None
+        config = self.model.config
+        series = load_series(
+            image,
+            series_mode=series_mode or config.series_mode,
+            series_slices=series_slices or config.series_slices,
+            ct_windows=ct_windows,
+        )
+        warnings.extend(series.warnings)
+        return series.images, series.labels
 
     def _route(self, loaded: LoadedImage, requested: str | None, warnings: list[str]) -> RoutingDecision:
         """Who reads the image: the caller's choice, radiology for DICOM, else the router's decision."""
@@ -465,6 +513,7 @@ class VisualMedAlpacaPipeline(Pipeline):
         histories = model_inputs["history"] if batched else [model_inputs["history"]]
         precomputed = model_inputs["precomputed_text"] if batched else [model_inputs["precomputed_text"]]
         image_hashes = model_inputs["image_hash"] if batched else [model_inputs["image_hash"]]
+        slice_labels = model_inputs["slice_labels"] if batched else [model_inputs["slice_labels"]]
 
         intermediate_texts, cached = self._intermediate_texts(
             [None if text is not None else name for name, text in zip(experts, precomputed, strict=True)],
@@ -472,6 +521,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             warnings,
             caption_generate_kwargs or {},
             image_hashes,
+            slice_labels,
         )
         intermediate_texts = [
             text if text is not None else computed
@@ -503,6 +553,42 @@ class VisualMedAlpacaPipeline(Pipeline):
         return outputs
 
     def _intermediate_texts(
+        self,
+        experts: list,
+        features: list,
+        warnings: list[list[str]],
+        generate_kwargs: dict,
+        image_hashes: list | None = None,
+        slice_labels: list | None = None,
+    ) -> tuple[list[str | None], list[bool]]:
+        """Visual-expert stage, per input; a series' key slices (``slice_labels[i]`` set, ``features[i]`` and
+        ``image_hashes[i]`` lists) are read in the same batch, and their texts joined one labelled line each."""
+        image_hashes = image_hashes or [None] * len(experts)
+        slice_labels = slice_labels or [None] * len(experts)
+        owners, flat_experts, flat_features, flat_hashes = [], [], [], []
+        for i, labels in enumerate(slice_labels):
+            count = len(labels) if labels else 1
+            owners += [i] * count
+            flat_experts += [experts[i]] * count
+            flat_features += features[i] if labels else [features[i]]
+            flat_hashes += image_hashes[i] if labels else [image_hashes[i]]
+        flat_warnings = [warnings[i] for i in owners]  # the same lists: a slice's warning is its input's
+        texts, cached = self._read_images(flat_experts, flat_features, flat_warnings, generate_kwargs, flat_hashes)
+        joined: list[str | None] = []
+        all_cached: list[bool] = []
+        for i, labels in enumerate(slice_labels):
+            positions = [k for k, owner in enumerate(owners) if owner == i]
+            if labels and texts[positions[0]] is not None:
+                joined.append("\n".join(f"{label}: {texts[k]}" for label, k in zip(labels, positions, strict=True)))
+            else:
+                joined.append(texts[positions[0]])
+            all_cached.append(all(cached[k] for k in positions))
+        for row, labels in zip(warnings, slice_labels, strict=True):
+            if labels:  # one warning per input, not one per slice
+                row[:] = list(dict.fromkeys(row))
+        return joined, all_cached
+
+    def _read_images(
         self,
         experts: list,
         features: list,
@@ -649,7 +735,14 @@ class VisualMedAlpacaPipeline(Pipeline):
             record["prompt"] = model_outputs["prompt"]
         return record
 
-    def describe_image(self, image, expert: str | None = None, caption_generate_kwargs: dict | None = None) -> dict:
+    def describe_image(
+        self,
+        image,
+        expert: str | None = None,
+        caption_generate_kwargs: dict | None = None,
+        series_mode: str | None = None,
+        series_slices: int | None = None,
+    ) -> dict:
         """Only the visual-expert stage: ``expert``, ``intermediate_text``, ``image_metadata``, ``warnings``.
 
         What a follow-up needs to reuse (pass the record's ``intermediate_text`` and ``expert`` back).
@@ -657,7 +750,8 @@ class VisualMedAlpacaPipeline(Pipeline):
         if image is None:
             raise InvalidImageError("describe_image needs an image.")
         request = _normalise_request({"question": "-", "image": image, "expert": expert}, self.model.config.experts)
-        model_inputs = self.preprocess(request)
+        preprocess_params = self._sanitize_parameters(series_mode=series_mode, series_slices=series_slices)[0]
+        model_inputs = self.preprocess(request, **preprocess_params)
         warnings = [list(model_inputs["warnings"])]
         texts, cached = self._intermediate_texts(
             [model_inputs["expert"]],
@@ -665,6 +759,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             warnings,
             dict(caption_generate_kwargs or {}),
             [model_inputs["image_hash"]],
+            [model_inputs["slice_labels"]],
         )
         return {
             "expert": model_inputs["expert"],
@@ -703,6 +798,7 @@ class VisualMedAlpacaPipeline(Pipeline):
                 warnings,
                 forward_params.get("caption_generate_kwargs", {}),
                 [model_inputs["image_hash"]],
+                [model_inputs["slice_labels"]],
             )
             intermediate_text, intermediate_cached = texts[0], cached[0]
         prompt = self._build_prompts(

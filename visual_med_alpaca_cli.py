@@ -76,15 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.formatter_class = argparse.RawDescriptionHelpFormatter
     ask.add_argument("question", help="The question.")
-    ask.add_argument("--image", default=None, help="PNG, JPEG or DICOM file (optional).")
+    ask.add_argument(
+        "--image",
+        default=None,
+        help="PNG, JPEG or DICOM file, or a DICOM series: a folder or .zip of its files (optional).",
+    )
     ask.add_argument("--show-prompt", action="store_true", help="Also print the exact prompt the model was given.")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="Answer length limit.")
+    ask.add_argument(
+        "--series-mode",
+        choices=["key_slices", "middle", "montage"],
+        default=None,
+        help="How a series is read: evenly spaced key slices one by one (default), the middle slice, or a montage.",
+    )
+    ask.add_argument("--series-slices", type=int, default=None, help="Key slices read from a series (default 5).")
 
     caption = commands.add_parser(
         "caption", parents=[model_options], help="Print only the visual expert's text.", epilog=EPILOG
     )
     caption.formatter_class = argparse.RawDescriptionHelpFormatter
-    caption.add_argument("image", help="PNG, JPEG or DICOM file.")
+    caption.add_argument("image", help="PNG, JPEG or DICOM file, or a folder or .zip of one DICOM series.")
 
     batch = commands.add_parser(
         "batch", parents=[model_options], help="Answer a folder, CSV or JSONL of (image, question) rows.", epilog=EPILOG
@@ -131,11 +142,16 @@ def generation_options(args) -> dict:
     return options
 
 
+def series_options(args) -> dict:
+    """How a DICOM series given as --image is read (the pipeline's config defaults otherwise)."""
+    return {name: getattr(args, name) for name in ("series_mode", "series_slices") if getattr(args, name) is not None}
+
+
 def run_ask(args, out=None) -> int:
     out = out or sys.stdout
     vqa = load_pipeline(args.model, args.revision, args.load_in_8bit)
     request = {"question": args.question, "image": args.image, "expert": args.expert}
-    options = {"return_prompt": True, **generation_options(args)}
+    options = {"return_prompt": True, **generation_options(args), **series_options(args)}
     if args.json:
         record = vqa(request, **options)
         if not args.show_prompt:

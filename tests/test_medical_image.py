@@ -1097,7 +1097,9 @@ def test_benchmark_script_runs(capsys):
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from bench_image_loading import BenchmarkArguments, main
 
-    results = main(BenchmarkArguments(repeats=1, json=True))
+    results = main(BenchmarkArguments(repeats=1, json=True, series_length=6, series_repeats=1))
     assert set(results["slices"]) == {"ct_512_uncompressed", "ct_512_jpeg2000"}
+    assert set(results["series"]["series"]) == {"ct_series_uncompressed", "ct_series_rle"}
+    assert all(row["time_ratio"] > 0 and row["memory_ratio"] > 0 for row in results["series"]["series"].values())
     assert all(row["load_image_ms"] > 0 and row["bare_pydicom_ms"] > 0 for row in results["slices"].values())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
