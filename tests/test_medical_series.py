@@ -213,6 +213,21 @@ def test_folder_zip_and_lists_load_the_same_series(ct_series):
     assert_no_secrets(json.dumps([reference.metadata, reference.labels, reference.warnings]))
 
 
+def test_ct_windows_reach_every_selected_slice(ct_series, vqa):
+    windows = ["brain", "lung", "bone"]
+    windowed = load_series(ct_series["folder"], ct_windows=windows)
+    plain = load_series(ct_series["folder"])
+    assert windowed.metadata["window_source"] == "ct_windows"
+    assert windowed.metadata["series"] == plain.metadata["series"]
+    in_order = ct_series["paths"]
+    for image, other, index in zip(windowed.images, plain.images, [2, 4, 7, 9, 11], strict=True):
+        assert image.image.tobytes() == load_image(in_order[index - 1], ct_windows=windows).image.tobytes()
+        assert image.image.tobytes() != other.image.tobytes()
+    record = vqa({"image": str(ct_series["zip"]), "question": "What is seen?"}, ct_windows=windows, max_new_tokens=2)
+    assert record["image_metadata"]["window_source"] == "ct_windows"
+    assert record["image_metadata"]["series"]["selected"] == [2, 4, 7, 9, 11]
+
+
 def test_an_enhanced_volume_gives_the_slices_of_the_same_series_on_files(ct_series, tmp_path):
     datasets = series_slices(12)
     volume = load_series(to_bytes(enhanced_volume(datasets)))
