@@ -228,6 +228,25 @@ def test_ct_windows_reach_every_selected_slice(ct_series, vqa):
     assert record["image_metadata"]["series"]["selected"] == [2, 4, 7, 9, 11]
 
 
+def test_endpoint_handler_takes_a_series_as_base64_files_or_one_base64_zip(endpoint_handler, ct_series):
+    import base64
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    files = [b64(path.read_bytes()) for path in shuffled(ct_series["paths"], seed=3)]
+    zipped = b64(ct_series["zip"].read_bytes())
+    parameters = {"max_new_tokens": 3}
+    as_files = endpoint_handler({"inputs": {"image": files, "question": "Findings?"}, "parameters": parameters})
+    as_zip = endpoint_handler({"inputs": {"image": zipped, "question": "Findings?"}, "parameters": parameters})
+    assert as_zip[0].pop("intermediate_cached") is True  # the same pixels: the experts' text is reused
+    as_files[0].pop("intermediate_cached")
+    assert as_files == as_zip
+    assert as_files[0]["image_metadata"]["series"]["slices"] == 12
+    assert as_files[0]["expert"] == "radiology"
+    assert_no_secrets(json.dumps(as_files))
+
+
 def test_an_enhanced_volume_gives_the_slices_of_the_same_series_on_files(ct_series, tmp_path):
     datasets = series_slices(12)
     volume = load_series(to_bytes(enhanced_volume(datasets)))
