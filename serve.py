@@ -29,7 +29,6 @@ handler's JSON contract), ``GET /health`` (200 once both stages answer), ``GET /
 Errors are OpenAI error objects (``openai_protocol.py``) and never echo the request; nothing logs a request body.
 """
 
-
 import asyncio
 import collections
 import hmac
