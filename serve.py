@@ -117,6 +117,10 @@ class ServeArguments:
             '"http://vllm:8000/v1", "model": "medalpaca-7b"} (default: the bundle\'s own language model)'
         },
     )
+    intermediate_cache_size: int | None = field(
+        default=None,
+        metadata={"help": "experts' texts kept by image content (default: the bundle's; 0 turns the reuse off)"},
+    )
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the embedded Ray (default: all)"})
     ray_temp_dir: str | None = field(default=None, metadata={"help": "Ray's session/log folder (default /tmp/ray)"})
 
@@ -134,7 +138,7 @@ class ServeArguments:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def load_pipeline(bundle: str, revision: str | None):
+def load_pipeline(bundle: str, revision: str | None, intermediate_cache_size: int | None = None):
     """The bundle the way users load it (remote code); one torch thread per replica (Ray sets OMP_NUM_THREADS)."""
     import torch
     from transformers import pipeline
@@ -143,6 +147,8 @@ def load_pipeline(bundle: str, revision: str | None):
     kwargs: dict[str, Any] = {"trust_remote_code": True}
     if revision:
         kwargs["revision"] = revision
+    if intermediate_cache_size is not None:
+        kwargs["intermediate_cache_size"] = intermediate_cache_size
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     return pipeline(model=bundle, **kwargs)
@@ -160,8 +166,8 @@ def failure(error: BaseException) -> dict:
 class _BatchedStage:
     """Shared by both stages: the pipeline, one worker thread for model work, batch settings from user_config."""
 
-    def __init__(self, bundle: str, revision: str | None):
-        self.pipeline = load_pipeline(bundle, revision)
+    def __init__(self, bundle: str, revision: str | None, intermediate_cache_size: int | None = None):
+        self.pipeline = load_pipeline(bundle, revision, intermediate_cache_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
 
@@ -230,8 +236,14 @@ class LanguageStage(_BatchedStage):
     """The language model: prompt (question, expert text, history) -> answer; batched across requests that share
     generation settings. ``language_backend`` sends the prompts to an OpenAI-compatible server instead."""
 
-    def __init__(self, bundle: str, revision: str | None, language_backend: dict | None = None):
-        super().__init__(bundle, revision)
+    def __init__(
+        self,
+        bundle: str,
+        revision: str | None,
+        intermediate_cache_size: int | None = None,
+        language_backend: dict | None = None,
+    ):
+        super().__init__(bundle, revision, intermediate_cache_size)
         self.backend = language_backend
         self.default_max_new_tokens = int(self.pipeline.model.config.answer_max_new_tokens)
 
@@ -670,10 +682,10 @@ def build_application(args: ServeArguments):
 
         parse_backend(backend)  # refuse a bad backend at start, not on the first request
     experts = ExpertStage.options(user_config=batching, max_ongoing_requests=stage_ongoing).bind(
-        args.bundle, args.revision
+        args.bundle, args.revision, args.intermediate_cache_size
     )
     language = LanguageStage.options(user_config=batching, max_ongoing_requests=stage_ongoing).bind(
-        args.bundle, args.revision, backend
+        args.bundle, args.revision, args.intermediate_cache_size, backend
     )
     from ray.serve.config import BackpressureConfig
 
@@ -697,25 +709,37 @@ def build_app(args: dict):
     return build_application(parsed)
 
 
-def main(args: ServeArguments) -> int:
-    """Start an embedded Ray, deploy, answer until SIGINT/SIGTERM, then drain requests in flight and stop."""
+def start_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """An embedded single-node Ray whose workers can import this checkout (serve.py and its modules)."""
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
-        num_cpus=args.num_cpus or os.cpu_count(),
+        num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
-        _temp_dir=args.ray_temp_dir,
+        _temp_dir=temp_dir,
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},
     )
+
+
+def deploy(args: ServeArguments) -> None:
+    """Start Serve's HTTP proxy on host:port and deploy (returns once every replica is ready)."""
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_application(args), name=APP_NAME, route_prefix="/")
+
+
+def main(args: ServeArguments) -> int:
+    """Start an embedded Ray, deploy, answer until SIGINT/SIGTERM, then drain requests in flight and stop."""
+    import ray
+
+    start_ray(args.num_cpus, args.ray_temp_dir)
     # Right after ray.init: before it, Ray's own handler dumps a stack, exits 15 and leaves workers behind.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_application(args), name=APP_NAME, route_prefix="/")
+        deploy(args)
         print(f"Serving {args.bundle} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
