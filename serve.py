@@ -170,6 +170,8 @@ class _BatchedStage:
         self.pipeline = load_pipeline(bundle, revision, intermediate_cache_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        self.active_streams = 0
+        self.cancelled_streams = 0
 
     def reconfigure(self, config: dict) -> None:
         batched = self._batched_method()
@@ -180,7 +182,11 @@ class _BatchedStage:
         return True
 
     def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "active_streams": self.active_streams,
+            "cancelled_streams": self.cancelled_streams,
+        }
 
     async def _run_batch(self, function, items: list) -> list:
         self.batch_sizes.append(len(items))
@@ -314,6 +320,8 @@ class LanguageStage(_BatchedStage):
         done = object()
         stops = item.get("stop") or []
         hold = max((len(stop) for stop in stops), default=1) - 1  # text that may still become a stop sequence
+        pieces = None
+        self.active_streams += 1
         try:
             if item.get("seed") is not None:
                 import torch
@@ -345,10 +353,18 @@ class LanguageStage(_BatchedStage):
             if len(final_answer) > sent:
                 yield final_answer[sent:]
             yield self._finish(item, record)
+        except asyncio.CancelledError:  # the caller went away (Ray cancels the request)
+            self.cancelled_streams += 1
+            raise
         except Exception as error:
             yield failure(error)
         finally:
+            # Also on cancellation: closing the pipeline's stream (after any next() in flight, same thread) sets
+            # its stop flag, so generation ends at the next token.
+            if pieces is not None:
+                worker.submit(pieces.close)
             worker.shutdown(wait=False)
+            self.active_streams -= 1
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -382,7 +398,7 @@ class ChatAPI:
     async def health(self):
         try:
             await asyncio.wait_for(
-                asyncio.gather(self.experts.ready.remote(), self.language.ready.remote()), timeout=30
+                asyncio.gather(self.experts.ready.remote(), self.language.ready.remote()), timeout=10
             )
         except Exception:
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -461,6 +477,8 @@ class ChatAPI:
         return {
             "expert_batch_sizes": expert_stats["batch_sizes"],
             "language_batch_sizes": language_stats["batch_sizes"],
+            "active_streams": language_stats["active_streams"],
+            "cancelled_streams": language_stats["cancelled_streams"],
         }
 
     async def _describe(self, image, expert: str | None) -> dict | None:

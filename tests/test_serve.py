@@ -380,6 +380,23 @@ def test_overload_is_503_with_retry_after(server, model_id):
     assert httpx.get(f"{server['base']}/health").status_code == 200  # it keeps serving
 
 
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, model_id):
+    body = {"model": model_id, "messages": [{"role": "user", "content": "Q?"}], "max_tokens": 400, "stream": True}
+    cancelled_before = _stats(server)["cancelled_streams"]
+    with httpx.stream("POST", f"{server['base']}/v1/chat/completions", json=body, headers=_auth()) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index == 2:  # generation under way
+                assert _stats(server)["active_streams"] == 1
+                break
+    deadline = time.monotonic() + 20
+    while _stats(server)["active_streams"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _stats(server)["active_streams"] == 0
+    assert _stats(server)["cancelled_streams"] == cancelled_before + 1  # cancelled, not run to its 400 tokens
+    quick = {"model": model_id, "messages": [{"role": "user", "content": "Q?"}], "max_tokens": 2}
+    assert httpx.post(f"{server['base']}/v1/chat/completions", json=quick, headers=_auth()).status_code == 200
+
+
 def test_sigterm_drains_the_request_in_flight_then_exits_zero(server, model_id):
     """Last test of the module: it stops the server."""
     process = server["process"]
@@ -401,3 +418,21 @@ def test_sigterm_drains_the_request_in_flight_then_exits_zero(server, model_id):
     assert last["choices"][0]["finish_reason"] in ("stop", "length") and "visual_med_alpaca" in last
     assert process.wait(timeout=120) == 0
     assert "Stopped." in server["log"].read_text()
+
+
+def test_shipped_config_validates_and_names_the_apps_deployments():
+    """serve_config.yaml is a valid Ray Serve config whose deployments are exactly the application's, and its
+    args build the application (no Ray started)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    import serve
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "serve:build_app"
+    assert {d.name for d in application.deployments} == {"ChatAPI", "ExpertStage", "LanguageStage"}
+    assert all(d.user_config["max_batch_size"] >= 1 for d in application.deployments if d.name != "ChatAPI")
+    assert serve.build_app(application.args) is not None
+    with pytest.raises(ValueError, match="Unknown serve argument"):
+        serve.build_app({"bundel": "x"})
