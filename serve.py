@@ -83,6 +83,7 @@ PREDICT_PARAMETERS = {
     "top_p": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
     "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1000,
     "num_beams": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4,
+    "repetition_penalty": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
 }
 
 

@@ -436,3 +436,64 @@ def test_shipped_config_validates_and_names_the_apps_deployments():
     assert serve.build_app(application.args) is not None
     with pytest.raises(ValueError, match="Unknown serve argument"):
         serve.build_app({"bundel": "x"})
+
+
+# ---------------------------------------------------------------------------------------------------- units (no Ray)
+
+
+def test_chat_messages_become_question_history_and_image():
+    from openai_protocol import Limits, chat_to_turns, parse_chat_request
+
+    image = data_uri(b"\x89PNG fake", "image/png")
+    chat = parse_chat_request(
+        {
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "assistant", "content": "Hello, upload an image."},  # a greeting: no question to pair
+                image_message(image, text="First?"),
+                {"role": "assistant", "content": [{"type": "text", "text": "One."}]},
+                {"role": "user", "content": "Second?"},
+                {"role": "assistant", "content": "Two."},
+                {"role": "user", "content": "Third"},
+                {"role": "user", "content": [{"type": "text", "text": "part two?"}]},  # consecutive: joined
+            ]
+        }
+    )
+    turns = chat_to_turns(chat, Limits())
+    assert turns.question == "Third\npart two?"
+    assert turns.history == [{"question": "First?", "answer": "One."}, {"question": "Second?", "answer": "Two."}]
+    assert turns.image == b"\x89PNG fake" and turns.warnings == [SYSTEM_IGNORED_WARNING]
+    allowlisted = parse_chat_request({"messages": [image_message("http://images.example:8080/a.png")]})
+    assert chat_to_turns(allowlisted, Limits(allowed_image_hosts=("images.example:8080",))).image.startswith("http")
+
+
+def test_language_stage_can_send_the_prompts_to_an_openai_compatible_server(bundle_dir, vqa):
+    """The language stage with --language_backend: the same Alpaca prompt goes to the server (here a recording
+    stub; test_language_backends.py runs a real `transformers serve`), the record names the backend, and streaming
+    sends the server's answer in one piece. The stage class is called directly, without Ray."""
+    import asyncio
+
+    from test_language_backends import StubServer, _completion_body, _reply
+
+    import serve
+
+    def echo_prompt(request):
+        return _completion_body(f"echo {len(request['json']['prompt'])}")
+
+    request = {"question": "Which side?", "intermediate_text": "a chest radiograph", "expert": "radiology"}
+    expected_prompt = vqa(request, return_prompt=True, max_new_tokens=2)["prompt"]
+    with StubServer(_reply(body=echo_prompt)) as stub:
+        backend = stub.backend(api="completions")
+        stage = serve.LanguageStage.func_or_class(str(bundle_dir), None, None, backend)
+        item = {"request": request, "generation": {"max_new_tokens": 5}, "seed": None, "stop": []}
+        (result,) = stage._answer_now([item])
+
+        async def collect():
+            return [piece async for piece in stage.stream(item)]
+
+        streamed = asyncio.run(collect())
+    assert stub.requests[0]["json"]["prompt"] == expected_prompt
+    assert stub.requests[0]["json"]["max_tokens"] == 5
+    assert result["record"]["answer"] == f"echo {len(expected_prompt)}"
+    assert result["record"]["backend"] == f"openai:{backend['model']}"
+    assert streamed[0] == result["record"]["answer"] and streamed[-1]["record"] == result["record"]
