@@ -34,6 +34,7 @@ import collections
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -436,8 +437,6 @@ class ChatAPI:
         except BackPressureError:
             return self._overloaded()
         except Exception as error:
-            if type(error).__name__ == "BackPressureError" or "BackPressureError" in type(error).__name__:
-                return self._overloaded()
             logger.error("Unexpected %s in the API.", type(error).__name__)
             return JSONResponse(error_body(500, "Internal error; the request was not processed."), 500)
 
@@ -445,7 +444,7 @@ class ChatAPI:
         return JSONResponse(
             error_body(503, "The server is overloaded; retry later.", code="overloaded"),
             503,
-            headers={"Retry-After": str(max(1, round(self.settings.retry_after_s)))},
+            headers={"Retry-After": str(max(1, math.ceil(self.settings.retry_after_s)))},
         )
 
     def _authorise(self, request: Request) -> None:
@@ -735,7 +734,7 @@ def start_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
+        num_cpus=num_cpus or max(2, os.cpu_count() or 1),  # one per model stage at least (logical CPUs)
         include_dashboard=False,
         _temp_dir=temp_dir,
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},
