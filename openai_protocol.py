@@ -209,7 +209,7 @@ class ChatTurns:
 
     question: str
     history: list[dict] = field(default_factory=list)
-    image: bytes | str | None = None  # decoded data: URI bytes, or an allowlisted URL to fetch
+    image: bytes | str | None = None  # decoded data: URI bytes, or an allowlisted URL (fetch_allowlisted_image)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -270,7 +270,7 @@ def _split_content(content, param: str) -> tuple[list[str], list[str]]:
 
 
 def _image_source(url: str, limits: Limits) -> bytes | str:
-    """A data: URI's bytes, or an allowlisted http(s) URL (fetched by the image loader with its size cap)."""
+    """A data: URI's bytes, or an allowlisted http(s) URL (for ``fetch_allowlisted_image``)."""
     url = url.strip()
     if url[:5].lower() == "data:":
         match = _DATA_URI.fullmatch(url)
@@ -296,6 +296,37 @@ def _image_source(url: str, limits: Limits) -> bytes | str:
             code="image_url_not_allowed",
         )
     return url
+
+
+async def fetch_allowlisted_image(url: str, limits: Limits, timeout_s: float = 10.0) -> bytes:
+    """Download an allowlisted image URL: no redirects (an allowlisted host could point anywhere, e.g. at an
+    internal address), a total time limit and the byte cap enforced while reading. Errors never show the URL."""
+    import httpx
+
+    try:
+        async with (
+            httpx.AsyncClient(follow_redirects=False, timeout=timeout_s, trust_env=False) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.is_redirect:
+                raise ProtocolError(403, "The image URL redirects; redirects are not followed.", param="messages")
+            if response.status_code != 200:
+                raise ProtocolError(
+                    422, f"The image URL could not be downloaded (HTTP {response.status_code}).", param="messages"
+                )
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limits.max_image_bytes:
+                    raise ProtocolError(413, f"The image is larger than the {limits.max_image_bytes}-byte limit.")
+                chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise ProtocolError(422, "The image URL did not answer in time.", param="messages") from None
+    except httpx.HTTPError:
+        raise ProtocolError(422, "The image URL could not be downloaded.", param="messages") from None
+    if not size:
+        raise ProtocolError(422, "The image URL returned no bytes.", param="messages")
+    return b"".join(chunks)
 
 
 def decode_base64_image(payload: str, limits: Limits, param: str | None = None) -> bytes:
@@ -392,6 +423,7 @@ __all__ = [
     "completion_id",
     "cut_at_stop",
     "decode_base64_image",
+    "fetch_allowlisted_image",
     "error_body",
     "model_list",
     "parse_chat_request",

@@ -65,6 +65,7 @@ from openai_protocol import (  # noqa: E402
     cut_at_stop,
     decode_base64_image,
     error_body,
+    fetch_allowlisted_image,
     model_list,
     parse_chat_request,
     usage,
@@ -222,18 +223,12 @@ class ExpertStage(_BatchedStage):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def describe(self, items: list[dict]) -> list[dict]:
-        """``{"image": bytes | url, "expert": name | None}`` -> the pipeline's describe record (or ``error``)."""
+        """``{"image": bytes, "expert": name | None}`` -> the pipeline's describe record (or ``error``)."""
         return await self._run_batch(self._describe_now, items)
 
     def _describe_now(self, items: list[dict]) -> list[dict]:
-        # The bundle's own image loader (its LoadedImage class is the one the pipeline recognises).
-        load_image = sys.modules[type(self.pipeline).__module__].load_image
-        requests = []
-        for item in items:
-            image = item["image"]
-            if isinstance(image, str):  # an allowlisted URL (checked by the API); fetched with the loader's caps
-                image = load_image(image, allow_urls=True)
-            requests.append({"image": image, "expert": item.get("expert")})
+        # Images arrive as bytes (the API decoded or downloaded them): the stage never reads a path or a URL.
+        requests = [{"image": item["image"], "expert": item.get("expert")} for item in items]
         if not hasattr(self.pipeline, "describe_images"):  # a bundle saved before the batched hook: one by one
             return [{"routing": None, **self.pipeline.describe_image(r["image"], r["expert"])} for r in requests]
         return self.pipeline.describe_images(requests)
@@ -484,6 +479,8 @@ class ChatAPI:
     async def _describe(self, image, expert: str | None) -> dict | None:
         if image is None:
             return None
+        if isinstance(image, str):  # an allowlisted URL (chat_to_turns checked the host)
+            image = await fetch_allowlisted_image(image, self.limits)
         described = await self.experts.describe.remote({"image": image, "expert": expert})
         if "error" in described:
             raise StageError(described["error"])

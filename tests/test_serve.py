@@ -57,7 +57,13 @@ def image_host(radiology_images):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
-            self.send_response(200)
+            if self.path == "/redirect.jpg":  # to an address that is not allowlisted
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(404 if self.path == "/missing.jpg" else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -185,6 +191,10 @@ def test_allowlisted_image_url_is_fetched(client, model_id, image_host, radiolog
     inline = ask(client, model_id, [image_message(data_uri(radiology_images[1]))])
     assert record_of(fetched)["intermediate_text"] == record_of(inline)["intermediate_text"]
     assert fetched.choices[0].message.content == inline.choices[0].message.content
+    for path, status in (("redirect.jpg", 403), ("missing.jpg", 422)):
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(client, model_id, [image_message(f"http://{image_host}/{path}")])
+        assert_openai_error(caught.value, status, param="messages", secret=image_host)
 
 
 def test_dicom_data_uri_is_read_and_no_phi_reaches_answers_or_logs(server, client, model_id):
