@@ -507,3 +507,19 @@ def test_language_stage_can_send_the_prompts_to_an_openai_compatible_server(bund
     assert result["record"]["answer"] == f"echo {len(expected_prompt)}"
     assert result["record"]["backend"] == f"openai:{backend['model']}"
     assert streamed[0] == result["record"]["answer"] and streamed[-1]["record"] == result["record"]
+
+
+def test_describe_images_batched_equals_one_at_a_time(bundle_dir, radiology_images):
+    """The expert stage's pipeline hook: one batched expert run gives the texts of single runs (cache off)."""
+    from transformers import pipeline
+
+    uncached = pipeline(model=str(bundle_dir), trust_remote_code=True, intermediate_cache_size=0)
+    items = [{"image": path.read_bytes(), "expert": None} for path in radiology_images]
+    batched = uncached.describe_images(items)
+    alone = [uncached.describe_image(item["image"]) for item in items]
+    assert [r["intermediate_text"] for r in batched] == [r["intermediate_text"] for r in alone]
+    assert [r["routing"] for r in batched] == [r["routing"] for r in alone]
+    assert all(r["expert"] == "radiology" and r["intermediate_cached"] is False for r in batched)
+    with pytest.raises(ValueError, match="needs an image") as caught:
+        uncached.describe_images([{"image": None}])
+    assert type(caught.value).__name__ == "InvalidImageError"  # the bundle's own copy of the error class
