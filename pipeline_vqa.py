@@ -747,28 +747,52 @@ class VisualMedAlpacaPipeline(Pipeline):
 
         What a follow-up needs to reuse (pass the record's ``intermediate_text`` and ``expert`` back).
         """
-        if image is None:
-            raise InvalidImageError("describe_image needs an image.")
-        request = _normalise_request({"question": "-", "image": image, "expert": expert}, self.model.config.experts)
+        return self.describe_images(
+            [{"image": image, "expert": expert}],
+            caption_generate_kwargs,
+            series_mode=series_mode,
+            series_slices=series_slices,
+        )[0]
+
+    def describe_images(
+        self,
+        images: list[dict],
+        caption_generate_kwargs: dict | None = None,
+        series_mode: str | None = None,
+        series_slices: int | None = None,
+    ) -> list[dict]:
+        """``describe_image`` for a batch of ``{"image", "expert"}`` dicts: one batched run per expert (a server
+        groups concurrent requests here). Each record also carries ``routing``."""
         preprocess_params = self._sanitize_parameters(series_mode=series_mode, series_slices=series_slices)[0]
-        model_inputs = self.preprocess(request, **preprocess_params)
-        warnings = [list(model_inputs["warnings"])]
+        model_inputs = []
+        for item in images:
+            if item.get("image") is None:
+                raise InvalidImageError("describe_image needs an image.")
+            request = {"question": "-", "image": item["image"], "expert": item.get("expert")}
+            model_inputs.append(
+                self.preprocess(_normalise_request(request, self.model.config.experts), **preprocess_params)
+            )
+        warnings = [list(inputs["warnings"]) for inputs in model_inputs]
         texts, cached = self._intermediate_texts(
-            [model_inputs["expert"]],
-            [model_inputs["image_features"]],
+            [inputs["expert"] for inputs in model_inputs],
+            [inputs["image_features"] for inputs in model_inputs],
             warnings,
             dict(caption_generate_kwargs or {}),
-            [model_inputs["image_hash"]],
-            [model_inputs["slice_labels"]],
+            [inputs["image_hash"] for inputs in model_inputs],
+            [inputs["slice_labels"] for inputs in model_inputs],
         )
-        return {
-            "expert": model_inputs["expert"],
-            "intermediate_text": texts[0],
-            "intermediate_cached": cached[0],
-            "image_metadata": model_inputs["image_metadata"],
-            "disclaimer": DISCLAIMER,
-            "warnings": warnings[0],
-        }
+        return [
+            {
+                "expert": inputs["expert"],
+                "intermediate_text": text,
+                "intermediate_cached": was_cached,
+                "image_metadata": inputs["image_metadata"],
+                "routing": inputs["routing"],
+                "disclaimer": DISCLAIMER,
+                "warnings": row_warnings,
+            }
+            for inputs, text, was_cached, row_warnings in zip(model_inputs, texts, cached, warnings, strict=True)
+        ]
 
     # ------------------------------------------------------------------ streaming
 
