@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -833,8 +834,6 @@ def published_default() -> tuple[str, str]:
 
     ``VISUAL_MED_ALPACA_MODEL`` / ``VISUAL_MED_ALPACA_REVISION`` override it (e.g. a local bundle folder).
     """
-    import os
-
     return (
         os.environ.get("VISUAL_MED_ALPACA_MODEL") or PUBLISHED_MODEL_ID,
         os.environ.get("VISUAL_MED_ALPACA_REVISION") or PUBLISHED_REVISION,
