@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 
 # Before gradio is imported: no analytics/version calls to the internet from the server.
@@ -36,7 +37,7 @@ import gradio as gr  # noqa: E402
 from medical_image import load_image  # noqa: E402
 from medical_series import load_series  # noqa: E402
 from modeling_visual_med_alpaca import DISCLAIMER  # noqa: E402
-from visual_med_alpaca_cli import load_pipeline  # noqa: E402
+from visual_med_alpaca_cli import EXIT_MODEL_LOAD, load_pipeline  # noqa: E402
 
 CONCURRENCY_LIMIT = 2
 QUEUE_MAX_SIZE = 16
@@ -51,6 +52,36 @@ THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monos
 def new_session() -> dict:
     """One case: the image read once (``expert``, ``intermediate_text``, ``image_metadata``) and its turns."""
     return {"image_key": None, "expert": None, "intermediate_text": None, "image_metadata": {}, "history": []}
+
+
+# The marker publish_bundle.py's --card_notice puts in a demo bundle's model card (demo.py passes it).
+DEMO_WEIGHTS_MARKER = "DEMO WEIGHTS"
+
+
+def demo_weights_notice(vqa) -> str | None:
+    """The notice line of the bundle's model card (``README.md``) when it holds demo weights, else ``None``.
+
+    Read from the folder, or the Hub cache at the loaded revision; a bundle without a readable card has no notice.
+    """
+    from transformers.utils import cached_file
+
+    source = getattr(vqa.model, "_bundle_source", None) or {"name_or_path": vqa.model.name_or_path}
+    try:
+        card = cached_file(
+            source["name_or_path"],
+            "README.md",
+            revision=source.get("revision"),
+            cache_dir=source.get("cache_dir"),
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        text = Path(card).read_text(encoding="utf-8") if card else ""
+    except (OSError, ValueError):
+        return None
+    for line in text.splitlines():
+        if DEMO_WEIGHTS_MARKER in line:
+            return line.strip().lstrip(">").strip().strip("*").strip()
+    return None
 
 
 def _user_message(error: Exception) -> str:
@@ -171,11 +202,14 @@ def build_app(vqa) -> gr.Blocks:
         session = new_session()
         return None, None, session, [], render_panel(session)
 
+    notice = demo_weights_notice(vqa)
     with gr.Blocks(title="Visual Med-Alpaca (research use only)", analytics_enabled=False) as demo:
         gr.Markdown(
             "# Visual Med-Alpaca\nUpload a radiology image (PNG/JPEG/DICOM) or a chart, then ask. "
             "**Research use only — not for clinical decisions.**"
         )
+        if notice:
+            gr.Markdown(f"⚠️ **{escape_markdown(notice)}**", elem_id="demo-notice")
         session = gr.State(new_session())
         with gr.Row():
             with gr.Column(scale=1):
@@ -185,7 +219,8 @@ def build_app(vqa) -> gr.Blocks:
                     label="Or a DICOM series (its files, or one .zip)", file_count="multiple", elem_id="series-upload"
                 )
                 preview = gr.Image(label="As the model sees it", interactive=False, elem_id="preview")
-                panel = gr.Markdown(render_panel(new_session()), elem_id="panel")
+                # Labelled so the API names this output ("Case", not "value_7").
+                panel = gr.Markdown(render_panel(new_session()), label="Case", elem_id="panel")
             with gr.Column(scale=2):
                 # Model text is shown as plain text: a generated link or image tag must not render.
                 chat = gr.Chatbot(label="Conversation", elem_id="chat", height=420, render_markdown=False)
@@ -214,15 +249,23 @@ def launch(demo: gr.Blocks, port: int | None = None, **kwargs):
     return demo.launch(server_port=port, share=False, max_file_size=MAX_UPLOAD_SIZE, theme=THEME, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub repository id or local bundle folder.")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--load-in-8bit", action="store_true")
     parser.add_argument("--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT or 7860.")
     args = parser.parse_args(argv)
-    launch(build_app(load_pipeline(args.model, args.revision, args.load_in_8bit)), port=args.port)
+    try:
+        vqa = load_pipeline(args.model, args.revision, args.load_in_8bit)
+    except Exception as error:  # one line with the cause, the CLI's exit code 3, no traceback
+        if getattr(error, "exit_code", None) != EXIT_MODEL_LOAD:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_MODEL_LOAD
+    launch(build_app(vqa), port=args.port)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1104,7 +1104,8 @@ def write_outputs(output_dir: Path, report: dict, scored: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_resume(output_dir: Path, settings: dict, state) -> None:
+def _check_resume(output_dir: Path, settings: dict, state, record: bool = True) -> None:
+    """Refuse an output folder holding predictions of other settings; with ``record``, write this run's."""
     config_path = output_dir / "run_config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text(encoding="utf-8"))
@@ -1114,7 +1115,7 @@ def _check_resume(output_dir: Path, settings: dict, state) -> None:
                 f"{output_dir} holds predictions made with different {', '.join(changed)}. Use a new --output_dir "
                 "or delete that folder to start over."
             )
-    elif state.is_main_process:
+    elif record and state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         temporary = config_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -1122,15 +1123,24 @@ def _check_resume(output_dir: Path, settings: dict, state) -> None:
 
 
 def load_pipeline(args: EvaluationArguments, device):
+    """The bundle's pipeline; a failure is a one-line ``ModelLoadError`` naming the cause (``hub_errors.py``)."""
     from transformers import pipeline
+
+    from hub_errors import load_failure_message
+    from modeling_visual_med_alpaca import ModelLoadError
 
     model_kwargs = {"load_in_8bit": True} if args.load_in_8bit else {}
     kwargs = {"dtype": args.dtype} if args.dtype else {}
     if not args.load_in_8bit:
         kwargs["device"] = device
-    return pipeline(
-        model=args.model, revision=args.revision, trust_remote_code=True, model_kwargs=model_kwargs, **kwargs
-    )
+    try:
+        return pipeline(
+            model=args.model, revision=args.revision, trust_remote_code=True, model_kwargs=model_kwargs, **kwargs
+        )
+    except Exception as error:
+        if getattr(error, "exit_code", None) is not None:
+            raise
+        raise ModelLoadError(load_failure_message(error, args.model, args.revision)) from None
 
 
 def process_state():
@@ -1209,8 +1219,11 @@ def main(args: EvaluationArguments) -> dict | None:
             from benchmark_report import parse_judge
 
             parse_judge(args.judge_backend, args.model)
-        _check_resume(output_dir, args.run_settings(), state)
+        # Checked before the (slow) load, recorded after it: a failed load leaves no run_config.json behind
+        # that would refuse the corrected rerun.
+        _check_resume(output_dir, args.run_settings(), state, record=False)
         vqa = load_pipeline(args, state.device)
+        _check_resume(output_dir, args.run_settings(), state)
         judge = _judge_config(args, vqa)
         generate_kwargs: dict = {"do_sample": False}
         if args.max_new_tokens is not None:
@@ -1270,8 +1283,10 @@ def main(args: EvaluationArguments) -> dict | None:
 def parse_arguments(argv: list[str] | None = None) -> EvaluationArguments:
     from trl import TrlParser
 
-    (args,) = TrlParser((EvaluationArguments,)).parse_args_and_config(argv)
-    return args
+    parser = TrlParser((EvaluationArguments,))
+    # TrlParser reads --config itself (before parsing); declared here too so --help lists it.
+    parser.add_argument("--config", metavar="RECIPE_YAML", help="YAML file of these keys; flags given override it.")
+    return parser.parse_args_and_config(argv)[0]
 
 
 if __name__ == "__main__":

@@ -482,6 +482,19 @@ def _write_portable_processor_layout(processor, folder: str) -> None:
         json.dump(saved, handle, indent=2, sort_keys=True)
 
 
+def int8_default_dtype(device_map=None) -> torch.dtype:
+    """The dtype of the unquantised parts when 8-bit is requested without one.
+
+    float16, the dtype LLM.int8's matmuls compute in (so its inputs need no per-call cast), or bfloat16 on a CUDA
+    device that supports it (same memory, float32's range). ``device_map`` keeping everything on the CPU means CPU.
+    """
+    placements = device_map.values() if isinstance(device_map, dict) else [device_map]
+    on_cpu_only = device_map is not None and all(str(place) == "cpu" for place in placements)
+    if torch.cuda.is_available() and not on_cpu_only and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
 class VisualMedAlpacaPreTrainedModel(PreTrainedModel):
     config_class = VisualMedAlpacaConfig
     base_model_prefix = "visual_med_alpaca"
@@ -534,7 +547,9 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
 
         ``load_in_8bit`` builds ``BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=...)`` that
         quantises the language model's blocks only: the visual experts and the LM head stay unquantised
-        (``llm_int8_skip_modules`` replaces bitsandbytes' default list, so all of them are named).
+        (``llm_int8_skip_modules`` replaces bitsandbytes' default list, so all of them are named). Without a
+        ``dtype`` those unquantised parts load in 16 bit (``int8_default_dtype``): float16, or bfloat16 on a
+        CUDA device that supports it.
         """
         if load_in_8bit:
             if kwargs.get("quantization_config") is not None:
@@ -545,6 +560,11 @@ class VisualMedAlpacaModel(VisualMedAlpacaPreTrainedModel):
                 config = VisualMedAlpacaConfig.from_pretrained(pretrained_model_name_or_path, **location)
             modules = [spec["module"] for spec in config.experts.values()]
             kwargs["quantization_config"] = int8_quantization_config(modules)
+            # No dtype given (pipeline() passes "auto"): the unquantised parts (experts, embeddings, norms, head)
+            # in 16 bit as bitsandbytes users expect, not in the checkpoint's (possibly float32) dtype.
+            if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") in (None, "auto"):
+                kwargs.pop("torch_dtype", None)
+                kwargs["dtype"] = int8_default_dtype(kwargs.get("device_map"))
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         # Where the expert processors live: the same folder/repo at the same revision.
         model._bundle_source = {
@@ -721,6 +741,7 @@ __all__ = [
     "build_follow_up_prompt",
     "build_inference_prompt",
     "build_training_prompt",
+    "int8_default_dtype",
     "int8_quantization_config",
     "neutralize_template_markers",
 ]

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -116,6 +117,11 @@ except ImportError:  # imported from a checkout as a top-level module
     from visual_experts import build_experts
 
 TASK = "visual-med-alpaca"
+# The published bundle the task defaults to. Pinned: whoever publishes puts the commit sha that publish_bundle.py
+# prints after its push here, so the default never changes under a user. (This offline development environment
+# could not push one; "org/visual-med-alpaca" is the id the README's publish command uses.)
+PUBLISHED_MODEL_ID = "org/visual-med-alpaca"
+PUBLISHED_REVISION = "main"
 # The record contract every surface (pipeline, CLI, app, endpoint) returns; ``prompt`` is added on request.
 RECORD_KEYS = frozenset(
     {
@@ -810,6 +816,7 @@ class VisualMedAlpacaPipeline(Pipeline):
             inputs = {"question": kwargs.pop("question"), "image": kwargs.pop("image", None)}
         request = _normalise_request(inputs, self.model.config.experts)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        self._check_streamable(forward_params)
         model_inputs = self.preprocess(request, **preprocess_params)
         warnings = [list(model_inputs["warnings"])]
         expert = model_inputs["expert"]
@@ -873,6 +880,25 @@ class VisualMedAlpacaPipeline(Pipeline):
         }
         yield self.postprocess(outputs, **postprocess_params)
 
+    def _check_streamable(self, forward_params: dict) -> None:
+        """Refuse, before any work, what a token-by-token stream of one answer cannot serve (typed, not raw)."""
+        backend = forward_params.get("backend")
+        if backend is not None and backend != BACKEND_LOCAL:
+            raise UnknownParameterError(
+                "stream() runs the bundle's own language model; for a remote backend stream with "
+                "language_backends.get_backend(...).stream(prompt), or call the pipeline without streaming."
+            )
+        # The model's own generation defaults count too (a bundle may ship num_beams > 1).
+        defaults = self.model.language_model.generation_config
+        options = forward_params.get("generate_kwargs", {})
+        for key, what in (("num_beams", "beam search"), ("num_return_sequences", "several answers per request")):
+            value = options.get(key, getattr(defaults, key, 1))
+            if isinstance(value, int) and value > 1:
+                raise UnknownParameterError(
+                    f"{key}={value} ({what}) cannot be streamed: a stream yields one answer token by token. "
+                    f"Pass {key}=1, or call the pipeline without streaming."
+                )
+
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -930,12 +956,33 @@ class _WholeAnswerStreamer(TextIteratorStreamer):
         self.on_finalized_text("", stream_end=True)
 
 
+def published_default() -> tuple[str, str]:
+    """``(repo id, revision)`` that ``pipeline("visual-med-alpaca", trust_remote_code=True)`` loads without ``model=``.
+
+    ``VISUAL_MED_ALPACA_MODEL`` / ``VISUAL_MED_ALPACA_REVISION`` override it (e.g. a local bundle folder).
+    """
+    return (
+        os.environ.get("VISUAL_MED_ALPACA_MODEL") or PUBLISHED_MODEL_ID,
+        os.environ.get("VISUAL_MED_ALPACA_REVISION") or PUBLISHED_REVISION,
+    )
+
+
 def register_pipeline() -> None:
-    """Register the task so ``save_pretrained`` writes ``custom_pipelines`` into ``config.json``."""
+    """Register the task, with the published bundle as its default model.
+
+    Then ``pipeline("visual-med-alpaca", trust_remote_code=True)`` works in this process (importing this module
+    does it), and ``save_pretrained`` writes ``custom_pipelines`` into ``config.json`` (without the default:
+    a bundle names only its own pipeline class). A second copy of this module (the checkout's and a bundle's
+    remote-code copy) keeps the first registration instead of overwriting it with a warning.
+    """
     from transformers import AutoModel
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=VisualMedAlpacaPipeline, pt_model=AutoModel)
+    if TASK not in PIPELINE_REGISTRY.supported_tasks:
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=VisualMedAlpacaPipeline, pt_model=AutoModel, default={"model": published_default()}
+        )
+    VisualMedAlpacaPipeline._registered_impl = {TASK: {"impl": VisualMedAlpacaPipeline, "pt": (AutoModel,)}}
 
 
 def _check_expert_name(expert, known_experts) -> str:
@@ -992,12 +1039,18 @@ def _normalise_request(request, known_experts) -> dict:
     }
 
 
+# Importing the project's pipeline (from a checkout, or a bundle's remote code) registers its task.
+register_pipeline()
+
 __all__ = [
+    "PUBLISHED_MODEL_ID",
+    "PUBLISHED_REVISION",
     "RECORD_KEYS",
     "TASK",
     "IntermediateTextCache",
     "VisualMedAlpacaPipeline",
     "image_content_hash",
+    "published_default",
     "register_pipeline",
     "weights_fingerprint",
 ]

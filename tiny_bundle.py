@@ -56,7 +56,9 @@ def build_git_processor(image_size: int = 32, vocab_size: int = 1000):
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.train_from_iterator(
-        roco_captions(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special), length=None
+        roco_captions(),
+        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False),
+        length=None,
     )
     vocab = backend.get_vocab()
     backend.post_processor = processors.TemplateProcessing(
@@ -83,7 +85,10 @@ def build_llama_tokenizer(vocab_size: int = 1000):
     backend.train_from_iterator(
         _training_corpus(),
         trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            show_progress=False,  # its progress bar writes to the terminal directly, past any redirection
+            vocab_size=vocab_size,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
     bos = backend.token_to_id("<s>")
@@ -105,6 +110,7 @@ def build_pix2struct_processor(vocab_size: int = 300, patch_size: int = 16):
     backend.train_from_iterator(
         ["TITLE | year | value <0x0A> 2019 | 12.5 <0x0A> 2020 | 13.1"] * 10 + list(roco_captions(500)),
         trainers.BpeTrainer(
+            show_progress=False,  # its progress bar writes to the terminal directly, past any redirection
             vocab_size=vocab_size,
             special_tokens=["<pad>", "</s>", "<unk>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -135,6 +141,7 @@ def save_zero_shot_classifier(output_dir, labels, seed: int = 0) -> Path:
     backend.train_from_iterator(
         [*labels, "This is a photo of {}."] * 5,
         trainers.BpeTrainer(
+            show_progress=False,  # its progress bar writes to the terminal directly, past any redirection
             vocab_size=300,
             special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -248,6 +255,47 @@ def build_git_config(git_processor, *, git_hidden: int = 32, git_layers: int = 2
     )
 
 
+def build_pix2struct_config(chart_processor):
+    """The tiny Pix2StructConfig recipe (DePlot's architecture at test size), sized to ``chart_processor``."""
+    from transformers import Pix2StructConfig
+
+    chart_tokenizer = chart_processor.tokenizer
+    patch_size = chart_processor.image_processor.patch_size["height"]
+    return Pix2StructConfig(
+        vision_config={
+            "hidden_size": 32,
+            # Each flattened patch is patch_size * patch_size * 3 pixel values (plus row/column ids).
+            "patch_embed_hidden_size": patch_size * patch_size * 3,
+            "d_ff": 64,
+            "d_kv": 8,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "vocab_size": len(chart_tokenizer),
+            "hidden_size": 32,
+            "d_ff": 64,
+            "d_kv": 8,
+            "num_layers": 2,
+            "num_heads": 4,
+            "pad_token_id": chart_tokenizer.pad_token_id,
+            "eos_token_id": chart_tokenizer.eos_token_id,
+            "decoder_start_token_id": chart_tokenizer.pad_token_id,
+        },
+        is_vqa=False,
+    )
+
+
+def build_chart_reader(seed: int = 0):
+    """A tiny, randomly initialised DePlot: ``(Pix2StructForConditionalGeneration, Pix2StructProcessor)``."""
+    from transformers import Pix2StructForConditionalGeneration
+
+    chart_processor = build_pix2struct_processor()
+    torch.manual_seed(seed)
+    return Pix2StructForConditionalGeneration(build_pix2struct_config(chart_processor)).eval(), chart_processor
+
+
 def build_captioner(seed: int = 0, **sizes):
     """A tiny, randomly initialised Med-GIT: ``(GitForCausalLM, GitProcessor)`` (for ``train_git.py`` tests)."""
     from transformers import GitForCausalLM
@@ -270,41 +318,13 @@ def build_config(
     llama_heads: int = 4,
     max_positions: int = 2048,
 ) -> VisualMedAlpacaConfig:
-    from transformers import Pix2StructConfig
-
     captioner_config = build_git_config(
         git_processor, git_hidden=git_hidden, git_layers=git_layers, image_size=image_size
     )
     text_config = build_llama_config(
         llama_tokenizer, hidden=llama_hidden, layers=llama_layers, heads=llama_heads, max_positions=max_positions
     )
-    chart_config = None
-    if chart_processor is not None:
-        chart_tokenizer = chart_processor.tokenizer
-        chart_config = Pix2StructConfig(
-            vision_config={
-                "hidden_size": 32,
-                # Each flattened patch is patch_size * patch_size * 3 pixel values (plus row/column ids).
-                "patch_embed_hidden_size": 16 * 16 * 3,
-                "d_ff": 64,
-                "d_kv": 8,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "patch_size": 16,
-            },
-            text_config={
-                "vocab_size": len(chart_tokenizer),
-                "hidden_size": 32,
-                "d_ff": 64,
-                "d_kv": 8,
-                "num_layers": 2,
-                "num_heads": 4,
-                "pad_token_id": chart_tokenizer.pad_token_id,
-                "eos_token_id": chart_tokenizer.eos_token_id,
-                "decoder_start_token_id": chart_tokenizer.pad_token_id,
-            },
-            is_vqa=False,
-        )
+    chart_config = build_pix2struct_config(chart_processor) if chart_processor is not None else None
     return VisualMedAlpacaConfig(
         captioner_config=captioner_config,
         text_config=text_config,

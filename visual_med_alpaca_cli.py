@@ -11,9 +11,11 @@ Installed as ``visual-med-alpaca`` (``pip install .``); from a checkout run ``py
 
 Batch input: a folder of images (one ``--question`` for all), a CSV with ``image,question`` columns, or a
 JSONL file of ``{"image": ..., "question": ...}`` rows (an ``id`` column/key is optional; relative image
-paths are relative to the input file). Each answered row becomes one JSON line in ``--output``; a rerun
-skips the rows already answered there, so an interrupted run resumes. Rows with bad input are written as
-``{"id", "error", "error_type"}`` lines and retried by the next run.
+paths are relative to the input file). Each answered row becomes one JSON line in ``--output`` carrying its
+``id``, ``question`` and ``image`` (as the input names it) beside the answer record; a rerun skips the rows
+already answered there, so an interrupted run resumes. Rows with bad input (a missing image, no question, a
+JSONL line that is not a JSON object) are written as ``{"id", "question", "image", "error", "error_type"}``
+lines; the next run retries them and replaces their error lines, so each id appears once.
 
 Exit codes: 0 done; 2 bad input (question, image, options, batch file; batch: some rows were bad);
 3 the model could not be loaded; 1 anything else. Errors are one line on stderr.
@@ -36,14 +38,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_MODEL_LOAD = 0, 1, 2, 3
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
-EPILOG = """examples:
-  %(prog)s ask --model org/visual-med-alpaca --image chest.png "What abnormality is seen?"
-  %(prog)s ask --model build/demo_bundle "What are the chemicals that treat hair loss?"
-  %(prog)s caption --model build/demo_bundle scan.dcm
-  %(prog)s batch --model build/demo_bundle --output answers.jsonl questions.csv
-
-exit codes: 0 done, 2 bad input, 3 model could not be loaded, 1 other failure.
+PROG = "visual-med-alpaca"
+EXAMPLES = {
+    "ask": [
+        'ask --model org/visual-med-alpaca --image chest.png "What abnormality is seen?"',
+        'ask --model build/demo_bundle "What are the chemicals that treat hair loss?"',
+        'ask --model build/demo_bundle --image scan.dcm --show-prompt --json "Which organ is shown?"',
+    ],
+    "caption": ["caption --model build/demo_bundle chest.png", "caption --model build/demo_bundle --json scan.dcm"],
+    "batch": [
+        "batch --model build/demo_bundle --output answers.jsonl questions.jsonl",
+        "batch --model build/demo_bundle --output answers.jsonl questions.csv",
+        'batch --model build/demo_bundle --question "What is seen?" --output out.jsonl images/',
+    ],
+}
+FOOTER = """exit codes: 0 done, 2 bad input, 3 model could not be loaded, 1 other failure.
 Research use only; not for clinical decisions."""
+
+
+def epilog(*commands: str) -> str:
+    """The examples of ``commands`` as full command lines (the same text in the main and subcommand help)."""
+    lines = [f"  {PROG} {example}" for command in commands for example in EXAMPLES[command]]
+    return "examples:\n" + "\n".join(lines) + "\n\n" + FOOTER
 
 
 class CliInputError(Exception):
@@ -54,9 +70,9 @@ class CliInputError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="visual-med-alpaca",
+        prog=PROG,
         description="Biomedical visual question answering: a visual expert reads the image, Med-Alpaca answers.",
-        epilog=EPILOG,
+        epilog=epilog("ask", "caption", "batch"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model_options = argparse.ArgumentParser(add_help=False)
@@ -72,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{ask,caption,batch}")
 
     ask = commands.add_parser(
-        "ask", parents=[model_options], help="Answer one question, optionally about an image.", epilog=EPILOG
+        "ask", parents=[model_options], help="Answer one question, optionally about an image.", epilog=epilog("ask")
     )
     ask.formatter_class = argparse.RawDescriptionHelpFormatter
     ask.add_argument("question", help="The question.")
@@ -92,13 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--series-slices", type=int, default=None, help="Key slices read from a series (default 5).")
 
     caption = commands.add_parser(
-        "caption", parents=[model_options], help="Print only the visual expert's text.", epilog=EPILOG
+        "caption", parents=[model_options], help="Print only the visual expert's text.", epilog=epilog("caption")
     )
     caption.formatter_class = argparse.RawDescriptionHelpFormatter
     caption.add_argument("image", help="PNG, JPEG or DICOM file, or a folder or .zip of one DICOM series.")
 
     batch = commands.add_parser(
-        "batch", parents=[model_options], help="Answer a folder, CSV or JSONL of (image, question) rows.", epilog=EPILOG
+        "batch",
+        parents=[model_options],
+        help="Answer a folder, CSV or JSONL of (image, question) rows.",
+        epilog=epilog("batch"),
     )
     batch.formatter_class = argparse.RawDescriptionHelpFormatter
     batch.add_argument("input", help="Folder of images, .csv (image,question) or .jsonl file.")
@@ -111,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(model: str, revision: str | None = None, load_in_8bit: bool = False):
-    """The pipeline, loaded through trust_remote_code; any failure becomes a ``ModelLoadError``-like exit 3."""
+    """The pipeline, loaded through trust_remote_code; a failure becomes a one-line ``HubLoadError`` (exit 3).
+
+    The message names the cause (offline mode, Hub unreachable, no such repository, gated or private, no such
+    revision, an incomplete folder): see ``hub_errors.py``.
+    """
+    from hub_errors import hub_load_error
+    from quiet_libraries import quiet_library_noise
+
+    quiet_library_noise()  # before bitsandbytes is imported: it logs one of them at import
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
@@ -123,16 +150,7 @@ def load_pipeline(model: str, revision: str | None = None, load_in_8bit: bool = 
     except Exception as error:
         if getattr(error, "exit_code", None) == EXIT_MODEL_LOAD:
             raise
-        raise ModelLoadFailure(
-            f"Could not load the model '{model}' ({type(error).__name__}). Check the Hub id or folder, "
-            "--revision, and that the bundle was saved completely."
-        ) from None
-
-
-class ModelLoadFailure(Exception):
-    """Loading failed before the project's own ``ModelLoadError`` could be raised (e.g. a wrong folder)."""
-
-    exit_code = EXIT_MODEL_LOAD
+        raise hub_load_error(error, model, revision) from None
 
 
 def generation_options(args) -> dict:
@@ -197,71 +215,114 @@ def run_caption(args, out=None) -> int:
     return EXIT_OK
 
 
+class BadRow(dict):
+    """A batch row that cannot be asked at all (a line that is not a JSON object): written as an error line."""
+
+
 def read_batch_rows(source: Path, question: str | None) -> list[dict]:
-    """``{"id", "image", "question"}`` rows of a folder, CSV or JSONL file; ids are unique and stable."""
+    """``{"id", "image", "question", "reference"}`` rows of a folder, CSV or JSONL file; ids unique and stable.
+
+    ``reference`` is the image as the input names it (the record carries it); ``image`` is the path to open.
+    A JSONL line that is not a JSON object becomes a ``BadRow`` (an error line in the output), not an abort.
+    Row ids default to the row's position among the non-empty lines, so fixing one line keeps the others' ids.
+    """
     if source.is_dir():
         if not question:
             raise CliInputError("A folder needs --question (the question asked about every image).")
         images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [{"id": p.name, "image": str(p), "question": question} for p in images]
+        return [{"id": p.name, "image": str(p), "reference": p.name, "question": question} for p in images]
     if not source.is_file():
         raise CliInputError("The batch input does not exist; pass a folder, a .csv or a .jsonl file.")
+    raw_rows: list = []
     if source.suffix.lower() == ".csv":
         with source.open(newline="", encoding="utf-8") as handle:
             raw_rows = list(csv.DictReader(handle))
     elif source.suffix.lower() in {".jsonl", ".json"}:
-        raw_rows = []
-        for line_number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for line_number, line in enumerate(lines, start=1):
             try:
                 raw_rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise CliInputError(f"Line {line_number} of the JSONL input is not valid JSON.") from None
+                raw_rows.append(BadRow(reason=f"Row {line_number} of the JSONL input is not valid JSON."))
     else:
         raise CliInputError("The batch input must be a folder, a .csv or a .jsonl file.")
     rows = []
     for index, raw in enumerate(raw_rows):
-        if not isinstance(raw, dict):
-            raise CliInputError(f"Row {index + 1} of the batch input is not an object with image/question.")
-        image = raw.get("image") or None
+        if isinstance(raw, BadRow) or not isinstance(raw, dict):
+            reason = raw["reason"] if isinstance(raw, BadRow) else None
+            reason = reason or f"Row {index + 1} of the batch input is not an object with image/question."
+            rows.append(BadRow(id=str(index), image=None, reference=None, question=None, reason=reason))
+            continue
+        reference = raw.get("image") or None
+        image = reference
         if image and not Path(image).is_absolute():
             image = str(source.parent / image)
         row_question = raw.get("question") or question
-        rows.append({"id": str(raw.get("id") or index), "image": image, "question": row_question})
+        rows.append(
+            {"id": str(raw.get("id") or index), "image": image, "reference": reference, "question": row_question}
+        )
     ids = [row["id"] for row in rows]
     if len(set(ids)) != len(ids):
         raise CliInputError("The batch input has duplicate ids; each row needs a unique 'id' to be resumable.")
     return rows
 
 
+def _output_records(output: Path) -> list[tuple[str, dict | None]]:
+    """Each line of ``output`` with its parsed record (``None`` for a line that is not a JSON object)."""
+    records = []
+    for line in output.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        records.append((line, record if isinstance(record, dict) else None))
+    return records
+
+
 def answered_ids(output: Path) -> set[str]:
     """Ids already answered in ``output`` (error lines are retried; a torn last line is ignored)."""
-    done = set()
-    if output.exists():
-        for line in output.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "answer" in record and "id" in record:
-                done.add(str(record["id"]))
-    return done
+    if not output.exists():
+        return set()
+    return {str(r["id"]) for _, r in _output_records(output) if r is not None and "answer" in r and "id" in r}
 
 
-def drop_torn_last_line(output: Path) -> None:
-    """Cut an unfinished last line (a run killed mid-write) so appended records start on their own line."""
+def prepare_output(output: Path, retried_ids: set[str]) -> None:
+    """Make ``output`` ready for appending: drop the error lines of the rows about to be retried (so each id
+    appears once) and an unfinished last line (a run killed mid-write). Rewritten atomically; answers are kept."""
     if not output.exists():
         return
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with output.open("r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+    kept = []
+    for line, record in _output_records(output):
+        if not line.endswith("\n"):
+            continue  # torn last line
+        if record is not None and "error" in record and str(record.get("id")) in retried_ids:
+            continue
+        kept.append(line)
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, output)
 
 
 def _chunks(rows: list[dict], size: int) -> Iterator[list[dict]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
+
+
+URL_REFUSED = (
+    "Image URLs are not fetched by this command: download the image first (e.g. curl -o image.png URL) "
+    "and pass its file path."
+)
+
+
+def error_message(error: Exception) -> str:
+    """The one-line message for one of our typed errors, worded for this command line."""
+    if type(error).__name__ == "ImageURLNotAllowedError":
+        return URL_REFUSED  # the library's text names a Python keyword (allow_urls) this command does not have
+    return " ".join(str(error).split())
+
+
+def _error_fields(error: Exception) -> dict:
+    return {"error": error_message(error), "error_type": type(error).__name__}
 
 
 def run_batch(args, out=None) -> int:
@@ -277,13 +338,26 @@ def run_batch(args, out=None) -> int:
     if not pending:
         print(f"All {len(rows)} rows are already answered in {output}.", file=out)
         return EXIT_OK
-    vqa = load_pipeline(args.model, args.revision, args.load_in_8bit)
+    askable = [row for row in pending if not isinstance(row, BadRow)]
+    vqa = load_pipeline(args.model, args.revision, args.load_in_8bit) if askable else None
     options = {"return_prompt": args.show_prompt, **generation_options(args)}
     output.parent.mkdir(parents=True, exist_ok=True)
-    drop_torn_last_line(output)
+    prepare_output(output, {row["id"] for row in pending})
     failed = 0
+
+    def write(sink, row: dict, result: dict) -> None:
+        # The record says which row it answers: id, question and the image as the input named it.
+        provenance = {"id": row["id"], "question": row["question"], "image": row["reference"]}
+        sink.write(json.dumps({**provenance, **result}, ensure_ascii=False) + "\n")
+
     with output.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="answering", unit="row") as bar:
-        for chunk in _chunks(pending, args.batch_size):
+        for row in pending:
+            if isinstance(row, BadRow):
+                failed += 1
+                write(sink, row, {"error": row["reason"], "error_type": "BadBatchRowError"})
+                bar.update(1)
+        sink.flush()
+        for chunk in _chunks(askable, args.batch_size):
             requests = [{"image": r["image"], "question": r["question"], "expert": args.expert} for r in chunk]
             try:
                 results = vqa(requests, batch_size=len(requests), **options)
@@ -297,10 +371,10 @@ def run_batch(args, out=None) -> int:
                     except Exception as row_error:
                         if getattr(row_error, "exit_code", None) != EXIT_BAD_INPUT:
                             raise
-                        results.append({"error": str(row_error), "error_type": type(row_error).__name__})
+                        results.append(_error_fields(row_error))
             for row, result in zip(chunk, results, strict=True):
                 failed += "error" in result
-                sink.write(json.dumps({"id": row["id"], **result}, ensure_ascii=False) + "\n")
+                write(sink, row, result)
             sink.flush()
             bar.update(len(chunk))
     print(f"Wrote {len(pending) - failed} answers to {output} ({len(done)} were already there).", file=out)
@@ -326,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:  # not one of ours: its message may quote inputs, so name only its type
             print(f"error: unexpected {type(error).__name__}; rerun in Python for details.", file=sys.stderr)
             return EXIT_ERROR
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {error_message(error)}", file=sys.stderr)
         return code if code in (EXIT_BAD_INPUT, EXIT_MODEL_LOAD) else EXIT_ERROR
 
 

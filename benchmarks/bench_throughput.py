@@ -10,13 +10,16 @@ from ``data/vqa_rad_dev`` through five comparisons:
    against the pipeline at batch size 1: overhead ratio (target <= 1.10); the greedy answers must be identical;
 2. the pipeline at batch size 8 against the original flow on 32 inputs: speed-up (target >= 4x);
 3. five questions about each of 8 images, intermediate-text cache on vs off: speed-up (target >= 1.8x);
-4. the language model in 8-bit (bitsandbytes LLM.int8, ``load_in_8bit=True``) against fp32: memory ratio
-   (target <= 0.30) and time ratio. LLM.int8 quantises the decoder blocks' linear layers only; the token
-   embeddings stay in fp32 and the LM head is kept out on purpose (``INT8_SKIP_MODULES``). At hidden 512 with a
-   32k vocabulary the embeddings and head are 2 x 16.4M of the LM's 43.3M parameters (76%), so the whole-LM
-   ratio cannot reach 0.30 here; the ratio of the quantised decoder blocks is reported beside it. At
-   Med-Alpaca's real size (7B: hidden 4096, 32 layers) the blocks are 96% of the weights and the whole-LM ratio
-   approaches the block ratio;
+4. the language model in 8-bit (bitsandbytes LLM.int8, ``load_in_8bit=True`` with no dtype: what LLM.int8
+   leaves alone loads in float16, the default) against fp32: memory ratio (target <= 0.30) and time ratio.
+   LLM.int8 quantises the decoder blocks' linear layers only; the token embeddings and the LM head (kept out on
+   purpose, ``INT8_SKIP_MODULES``) stay 16-bit. At hidden 512 with a 32k vocabulary they are 2 x 16.4M of the
+   LM's 43.3M parameters (76%): at 2 bytes against fp32's 4 they alone put the ratio at >= 0.38, so 0.30 cannot
+   be reached at this size (nor at the demo's, where the vocabulary is an even larger share). The target is
+   checked at Med-Alpaca's real proportions (LLaMA-7B: hidden 4096, 11008 MLP, 32 layers, 32k vocabulary):
+   the exact parameter counts of that model built on the meta device (no memory), priced with the bytes per
+   parameter measured on this run's 8-bit model (int8 weights plus bitsandbytes' per-row scales; 2 bytes for
+   the 16-bit rest). The fp32-rest variant (``dtype=torch.float32``) is reported beside it;
 5. loading the bundle through ``pipeline(...)`` against loading its sub-models (GIT + processor, LLaMA +
    tokenizer) directly from folders: time ratio (target <= 1.2x).
 
@@ -162,6 +165,34 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def lm_memory_at_7b(bytes_per_quantised_weight: float, rest_bytes: int) -> dict:
+    """LLaMA-7B's language-model memory, fp32 against LLM.int8 with a 16-bit rest, from its exact parameter counts.
+
+    The model is built on the meta device (shapes only). Its decoder blocks' linear weights are priced at the bytes
+    per weight measured on the benchmark's 8-bit model (int8 plus per-row scales, so slightly above 1 at hidden
+    512 and closer to 1 at 4096: a conservative price); every other parameter at ``rest_bytes``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    with init_empty_weights():
+        lm = LlamaForCausalLM(config)
+    total = sum(p.numel() for p in lm.parameters())
+    quantised = sum(m.weight.numel() for m in lm.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    fp32_bytes = 4 * total
+    int8_bytes = bytes_per_quantised_weight * quantised + rest_bytes * (total - quantised)
+    return {
+        "parameters_b": total / 1e9,
+        "quantised_share": quantised / total,
+        "fp32_gb": fp32_bytes / 2**30,
+        "int8_gb": int8_bytes / 2**30,
+        "memory_ratio_lm": int8_bytes / fp32_bytes,
+    }
+
+
 def main(args: BenchmarkArguments) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,7 +284,7 @@ def main(args: BenchmarkArguments) -> dict:
         "expert_share_without_cache": expert_off / times["cache_off"],
     }
 
-    # 4. 8-bit language model
+    # 4. 8-bit language model, with the default for the unquantised parts (16 bit: int8_default_dtype)
     int8_model = VisualMedAlpacaModel.from_pretrained(str(bundle), load_in_8bit=True).eval()
     int8_vqa = type(vqa)(model=int8_model, tokenizer=tokenizer, captioner_processor=git_processor)
     sample = flow[: args.batch_size]
@@ -265,21 +296,26 @@ def main(args: BenchmarkArguments) -> dict:
     fp32_lm, int8_lm = module_bytes(model.language_model), module_bytes(int8_model.language_model)
     fp32_blocks = module_bytes(model.language_model.model.layers)
     int8_blocks = module_bytes(int8_model.language_model.model.layers)
+    quantised = [m for m in int8_model.language_model.modules() if type(m).__name__ == "Linear8bitLt"]
+    bytes_per_quantised_weight = sum(module_bytes(m) for m in quantised) / sum(m.weight.numel() for m in quantised)
+    rest_dtype = int8_model.language_model.lm_head.weight.dtype
     results["int8"] = {
+        "rest_dtype": str(rest_dtype).removeprefix("torch."),
         "fp32_lm_mb": fp32_lm / 2**20,
         "int8_lm_mb": int8_lm / 2**20,
         "memory_ratio_lm": int8_lm / fp32_lm,
         "memory_ratio_decoder_blocks": int8_blocks / fp32_blocks,
         "embeddings_and_head_share_of_lm": 1 - fp32_blocks / fp32_lm,
+        "bytes_per_quantised_weight": bytes_per_quantised_weight,
         "time_ratio": times["int8"] / times["fp32"],
-        "target": "memory <= 0.30",
+        "target": "memory <= 0.30 at 7B proportions",
+        "at_7b": lm_memory_at_7b(bytes_per_quantised_weight, rest_dtype.itemsize),
     }
-    # The usual GPU setting (alpaca-lora's): what LLM.int8 leaves alone (embeddings, LM head, norms) in fp16.
-    # Memory only: fp16 matmuls on a CPU would time the CPU, not the setting.
-    half_rest = VisualMedAlpacaModel.from_pretrained(str(bundle), load_in_8bit=True, dtype=torch.float16)
-    results["int8"]["int8_fp16_rest_lm_mb"] = module_bytes(half_rest.language_model) / 2**20
-    results["int8"]["memory_ratio_lm_fp16_rest"] = module_bytes(half_rest.language_model) / fp32_lm
-    del half_rest
+    # Asking for the unquantised parts in fp32 explicitly (transformers' load dtype before this default).
+    fp32_rest = VisualMedAlpacaModel.from_pretrained(str(bundle), load_in_8bit=True, dtype=torch.float32)
+    results["int8"]["int8_fp32_rest_lm_mb"] = module_bytes(fp32_rest.language_model) / 2**20
+    results["int8"]["memory_ratio_lm_fp32_rest"] = module_bytes(fp32_rest.language_model) / fp32_lm
+    del fp32_rest
 
     # 5. loading
     parts = workdir / "parts"
@@ -346,14 +382,25 @@ def print_table(results: dict) -> None:
         ("   expert stage, cache on", f"{cache['expert_stage_on_s']:.2f} s", ""),
         ("4. language model fp32", f"{int8['fp32_lm_mb']:.1f} MB", ""),
         (
-            "   language model 8-bit",
+            f"   8-bit (default: rest {int8['rest_dtype']})",
             f"{int8['int8_lm_mb']:.1f} MB",
-            f"decoder blocks {int8['memory_ratio_decoder_blocks']:.2f}x",
+            f"LM ratio {int8['memory_ratio_lm']:.2f}x; decoder blocks {int8['memory_ratio_decoder_blocks']:.2f}x; "
+            f"embeddings+head {int8['embeddings_and_head_share_of_lm']:.0%} of the LM",
         ),
         (
-            "   8-bit, the rest in fp16",
-            f"{int8['int8_fp16_rest_lm_mb']:.1f} MB",
-            f"LM ratio {int8['memory_ratio_lm_fp16_rest']:.2f}x",
+            "   8-bit, dtype=float32 asked",
+            f"{int8['int8_fp32_rest_lm_mb']:.1f} MB",
+            f"LM ratio {int8['memory_ratio_lm_fp32_rest']:.2f}x",
+        ),
+        (
+            "   at 7B proportions: fp32",
+            f"{int8['at_7b']['fp32_gb']:.2f} GB",
+            f"{int8['at_7b']['parameters_b']:.2f}B parameters, {int8['at_7b']['quantised_share']:.0%} quantised",
+        ),
+        (
+            "   at 7B proportions: 8-bit",
+            f"{int8['at_7b']['int8_gb']:.2f} GB",
+            f"LM ratio {int8['at_7b']['memory_ratio_lm']:.2f}x (target <= 0.30)",
         ),
         ("5. load sub-models directly", f"{loading['parts_s']:.2f} s", ""),
         ("   load with pipeline(...)", f"{loading['pipeline_s']:.2f} s", ""),
@@ -370,8 +417,8 @@ def print_table(results: dict) -> None:
     print(
         f"ratios: overhead bs1 {overhead['ratio']:.2f} (<= 1.10) | batching {batching['speedup']:.2f}x (>= 4) | "
         f"cache {cache['speedup']:.2f}x (>= 1.8; expert stage {cache['expert_stage_speedup']:.2f}x) | "
-        f"8-bit memory LM {int8['memory_ratio_lm']:.2f} ({int8['memory_ratio_lm_fp16_rest']:.2f} rest fp16), blocks "
-        f"{int8['memory_ratio_decoder_blocks']:.2f} (<= 0.30), time {int8['time_ratio']:.2f} | "
+        f"8-bit memory LM {int8['memory_ratio_lm']:.2f} here, {int8['at_7b']['memory_ratio_lm']:.2f} at 7B (<= 0.30), "
+        f"blocks {int8['memory_ratio_decoder_blocks']:.2f}, time {int8['time_ratio']:.2f} | "
         f"loading {loading['ratio']:.2f} (<= 1.2)"
     )
 

@@ -176,3 +176,35 @@ def test_app_in_headless_chromium(app_url, vqa, radiology_images):
     assert " ".join(description["intermediate_text"].split()) in " ".join(page["panel"].split())
     assert page["externalRequests"] == []  # nothing fetched from the internet
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_api_outputs_all_have_names(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    names = {
+        endpoint: [value["label"] for value in spec["parameters"] + spec["returns"]]
+        for endpoint, spec in api["named_endpoints"].items()
+    }
+    assert set(names) >= {"/read_image", "/ask", "/reset"}
+    for endpoint, labels in names.items():
+        assert all(label and not label.startswith("value_") for label in labels), (endpoint, labels)
+    assert "Case" in names["/ask"]
+
+
+def test_demo_weights_bundle_shows_the_notice_and_real_weights_do_not(vqa, bundle_dir, tmp_path):
+    from transformers import pipeline
+
+    import app
+
+    def notice_blocks(demo):
+        return [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "demo-notice"]
+
+    assert app.demo_weights_notice(vqa) is None  # the test bundle has no card
+    assert notice_blocks(app.build_app(vqa)) == []
+    demo_bundle = tmp_path / "demo_bundle"
+    shutil.copytree(bundle_dir, demo_bundle)
+    notice = "DEMO WEIGHTS: tiny models trained for about a minute on a CPU; their answers mean nothing."
+    (demo_bundle / "README.md").write_text(f"---\nlicense: other\n---\n# Card\n\n> **{notice}**\n")
+    demo_vqa = pipeline(model=str(demo_bundle), trust_remote_code=True)
+    assert app.demo_weights_notice(demo_vqa) == notice
+    [block] = notice_blocks(app.build_app(demo_vqa))
+    assert "DEMO WEIGHTS" in block.value

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,30 @@ def test_help_lists_commands_examples_and_exit_codes():
     assert result.returncode == EXIT_OK
     for text in ("ask", "caption", "batch", "examples:", "exit codes: 0 done, 2 bad input, 3 model"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize("command", ["ask", "caption", "batch"])
+def test_subcommand_help_shows_only_its_own_runnable_examples(command):
+    from visual_med_alpaca_cli import build_parser
+
+    result = run_cli(command, "--help")
+    assert result.returncode == EXIT_OK
+    examples = [
+        line.strip() for line in result.stdout.split("examples:")[1].splitlines() if "visual-med-alpaca" in line
+    ]
+    assert examples, result.stdout
+    for example in examples:
+        program, name, *rest = shlex.split(example)
+        assert (program, name) == ("visual-med-alpaca", command), example  # not "visual-med-alpaca ask caption ..."
+        parsed = build_parser().parse_args([name, *rest])  # each example parses
+        assert parsed.command == command
+
+
+def test_url_error_names_no_flag_the_cli_lacks(bundle_dir):
+    result = run_cli("ask", "--model", bundle_dir, "--image", "https://example.org/chest.png", "What is seen?")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "download the image first" in result.stderr and "allow_urls" not in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_console_script_is_installed():
@@ -96,11 +121,12 @@ def test_corrupt_image_exits_2_without_echoing_it(bundle_dir, tmp_path):
     assert result.stderr.count("\n") == 1 and "PATIENT" not in result.stderr
 
 
-def test_unloadable_model_exits_3(tmp_path):
+def test_unloadable_model_exits_3_naming_the_cause(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("ask", "--model", tmp_path / "empty", "Q?")
     assert result.returncode == EXIT_MODEL_LOAD
     assert result.stderr.startswith("error: Could not load the model") and result.stderr.count("\n") == 1
+    assert "OSError" in result.stderr or "ValueError" in result.stderr  # the cause, not only "could not load"
 
 
 def _answers(path: Path) -> list[dict]:
@@ -127,7 +153,9 @@ def test_batch_over_jsonl_resumes_and_matches_single_answers(bundle_dir, radiolo
     for row in rows:
         record = next(r for r in records if r["id"] == row["id"])
         expected = vqa({"image": row.get("image"), "question": row["question"]}, max_new_tokens=5)
-        assert without_cache_flag({k: v for k, v in record.items() if k != "id"}) == without_cache_flag(expected)
+        assert (record["question"], record["image"]) == (row["question"], row.get("image"))  # which row it answers
+        answer = {k: v for k, v in record.items() if k not in ("id", "question", "image")}
+        assert without_cache_flag(answer) == without_cache_flag(expected)
     # A third run has nothing to do.
     assert main([*args, str(source)]) == EXIT_OK
     assert "already answered" in capsys.readouterr().out
@@ -164,6 +192,7 @@ def test_batch_over_folder_and_csv_records_bad_rows(bundle_dir, radiology_images
     assert main(["batch", *common, "--output", str(csv_out), str(table)]) == EXIT_BAD_INPUT
     records = {r["id"]: r for r in _answers(csv_out)}
     assert "answer" in records["0"] and records["1"]["error_type"] == "InvalidImageError"
+    assert records["1"]["image"] == "images/missing.png" and records["1"]["question"] == "What is seen?"
     assert main(["batch", *common, "--output", str(tmp_path / "x.jsonl"), str(tmp_path / "nope.csv")]) == 2
 
 
@@ -173,3 +202,26 @@ def test_ask_load_in_8bit_runs_on_cpu(bundle_dir):
     assert result.returncode == EXIT_OK, result.stderr
     record = json.loads(result.stdout)
     assert record["disclaimer"] == DISCLAIMER and record["expert"] is None and isinstance(record["answer"], str)
+
+
+def test_batch_rerun_keeps_one_line_per_id_and_a_bad_json_line_is_a_bad_row(bundle_dir, radiology_images, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    good = {"id": "good", "image": str(radiology_images[0]), "question": "What is seen?"}
+    missing = {"id": "missing", "image": str(tmp_path / "missing.png"), "question": "What is seen?"}
+    source.write_text(json.dumps(good) + "\n" + '{"id": "torn", "image": ' + "\n" + json.dumps(missing) + "\n")
+    output = tmp_path / "answers.jsonl"
+    args = ["batch", "--model", str(bundle_dir), "--output", str(output), "--max-new-tokens", "3", str(source)]
+    for _ in range(3):  # the first run and two reruns: the bad rows fail again each time
+        assert main(args) == EXIT_BAD_INPUT
+        records = _answers(output)
+        ids = [r["id"] for r in records]
+        assert sorted(ids) == ["1", "good", "missing"] and len(set(ids)) == len(ids)  # each id once
+        by_id = {r["id"]: r for r in records}
+        assert "answer" in by_id["good"]
+        assert by_id["1"]["error_type"] == "BadBatchRowError" and "Row 2" in by_id["1"]["error"]
+        assert by_id["missing"]["error_type"] == "InvalidImageError"
+    # Fixing the bad line: the next run answers it and no error line is left for it.
+    source.write_text(json.dumps(good) + "\n" + json.dumps({"question": "What treats hair loss?"}) + "\n")
+    assert main(args) == EXIT_OK
+    by_id = {r["id"]: r for r in _answers(output)}
+    assert "answer" in by_id["1"] and "error" not in by_id["1"] and by_id["1"]["image"] is None

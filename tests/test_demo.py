@@ -45,17 +45,40 @@ def test_demo_runs_every_step_through_the_real_scripts(demo_run):
     assert not list(bundle.glob("**/optimizer.pt")) and not (bundle / "trainer_state.json").exists()
 
 
-def test_demo_answers_a_radiograph_and_a_dicom_ct(demo_run):
-    work, _, _ = demo_run
+def test_demo_answers_a_radiograph_a_dicom_ct_and_a_chart(demo_run):
+    work, bundle, output = demo_run
     records = json.loads((work / "answers.json").read_text())
-    assert len(records) == 2
+    assert len(records) == 3
     for record in records:
         assert set(RECORD_KEYS) <= set(record)
-        assert record["expert"] == "radiology"
-        assert record["intermediate_text"].strip()
-        assert record["disclaimer"] == DISCLAIMER
-    assert records[1]["routing"]["mode"] == "dicom"
-    assert records[1]["image_metadata"]["modality"] == "CT"
+        assert isinstance(record["answer"], str) and record["disclaimer"] == DISCLAIMER
+    radiograph, dicom, chart = records
+    for record in (radiograph, dicom):
+        assert record["expert"] == "radiology" and record["intermediate_text"].strip()
+    assert dicom["routing"]["mode"] == "dicom"
+    assert dicom["image_metadata"]["modality"] == "CT"
+    # The shipped chart goes to the chart expert, chosen by the router (not forced), in the bundle's DePlot.
+    assert chart["expert"] == "chart" and chart["routing"] == {"expert": "chart", "score": chart["routing"]["score"],
+                                                               "mode": "statistics"}  # fmt: skip
+    assert isinstance(chart["intermediate_text"], str)
+    assert "Image:             data/charts/" in output
+    assert (bundle / "chart_reader").is_dir()
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["chart_config"]["model_type"] == "pix2struct"
+
+
+def test_demo_prints_a_clean_transcript(demo_run):
+    """One line per step (plus its command), then the answers: no progress bars, no library warnings."""
+    work, _, output = demo_run
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert not [line for line in lines if "it/s]" in line or "%|" in line or "\r" in line]  # progress bars
+    noise = ("Warning", "warn(", "[transformers]", "FutureWarning", "UserWarning", "MatMul8bitLt", "kernels-community")
+    assert not [line for line in lines if any(word in line for word in noise)]
+    steps = [line for line in lines if line.startswith("[") and "/6] " in line]
+    assert [line[:5] for line in steps] == [f"[{n}/6]" for n in range(1, 7)]
+    assert len(lines) < 45, output  # a page: the steps, their commands, the three answers
+    # What the scripts printed is kept, not lost: their logs.
+    assert "'loss'" in (work / "logs" / "train_sft.log").read_text()
 
 
 def test_demo_weights_are_labelled_and_the_card_carries_the_disclaimer(demo_run):
