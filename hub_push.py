@@ -3,7 +3,7 @@
 - The repository is created private unless the user chose public, and the same files are left out every time:
   resumable checkpoints (optimizer, scheduler and RNG states), TensorBoard logs and pickled training arguments.
 - A push is attempted ``attempts`` times with a doubling wait; errors that cannot succeed on a retry (offline mode,
-  401/403/404) are not retried.
+  401/403/404, a bad repo id) are not retried: ``hub_errors.is_retryable``, the one rule for loads and pushes.
 - A failed push raises ``HubPushError`` (exit code 5, ``PUSH_FAILED_EXIT_CODE``). The local folder is never touched,
   and the error carries the ``hf upload`` command that retries the same push: same repository, same privacy, same
   exclusions (``hf upload`` passes ``--exclude`` patterns to ``upload_folder`` as ``ignore_patterns``, and
@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from hub_errors import is_retryable
 from modeling_visual_med_alpaca import VisualMedAlpacaError
 
 PUSH_FAILED_EXIT_CODE = 5
 # fnmatch patterns on paths relative to the folder ("*" also matches "/"): nothing resumable or pickled leaves, nor
 # the run's local bookkeeping (run_fingerprint.json holds local paths).
 PUSH_EXCLUDE = ("checkpoint-*", "runs/*", "*.pt", "*.pth", "rng_state*", "training_args.bin", "run_fingerprint.json")
-NOT_RETRYABLE_STATUS = (401, 403, 404)
 
 
 class HubPushError(VisualMedAlpacaError):
@@ -50,13 +50,6 @@ def retry_command(repo_id: str, folder: str | Path, private: bool) -> list[str]:
 
 def http_status(error: BaseException) -> int | None:
     return getattr(getattr(error, "response", None), "status_code", None)
-
-
-def is_retryable(error: BaseException) -> bool:
-    """Whether trying again can help: not in offline mode, not on a refused token, a missing permission or repo."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    return not isinstance(error, OfflineModeIsEnabled) and http_status(error) not in NOT_RETRYABLE_STATUS
 
 
 def describe_error(error: BaseException) -> str:
