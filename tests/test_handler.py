@@ -2,6 +2,7 @@
 the deserialised body. Over HTTP (the toolkit's app + huggingface_hub.InferenceClient): test_endpoint_server.py."""
 
 import base64
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_raw_dicom_bytes_equal_base64_dicom(handler):
 
 def test_query_string_numbers_arrive_as_text_and_are_accepted(handler):
     """?temperature=0.7 reaches the handler as the string "0.7" (the toolkit converts digits and true/false only)."""
-    checked = handler._parameters({"temperature": "0.7", "top_p": "1", "max_new_tokens": 4}, "contract")
+    checked = handler.contract._parameters({"temperature": "0.7", "top_p": "1", "max_new_tokens": 4}, "contract")
     assert checked == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 4}
     for bad in ("hot", "nan", "inf", "-1"):
         error = _refused(handler, {"inputs": "Q", "parameters": {"temperature": bad}})
@@ -229,7 +230,7 @@ def test_bad_input_raises_a_typed_error_that_never_echoes_the_payload(handler, b
 
 
 def test_oversize_image_is_refused_before_decoding(handler, monkeypatch):
-    monkeypatch.setitem(type(handler)._base64.__globals__, "MAX_IMAGE_BYTES", 1000)  # the module's globals
+    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(handler.contract.limits, max_image_bytes=1000))
     error = _refused(handler, {"inputs": {"question": "Q", "image": "A" * 4000}})
     assert (error.http_status, error.error_type) == (413, "ImageTooLargeError") and "1000-byte" in error.message
     error = _refused(handler, {"inputs": b"A" * 4000, "parameters": {"question": "Q"}})
@@ -239,24 +240,27 @@ def test_oversize_image_is_refused_before_decoding(handler, monkeypatch):
 def test_a_series_is_decoded_to_one_bytes_object_per_file_with_caps(handler, monkeypatch):
     """ "image" as a list of base64 DICOM files (a series) reaches the pipeline as a list of bytes."""
     files = [CT_SMALL.read_bytes(), CT_SMALL.read_bytes()[:-10]]
-    assert handler._image([base64.b64encode(f).decode() for f in files]) == files
+    assert handler.contract._image([base64.b64encode(f).decode() for f in files]) == files
     zipped = io.BytesIO()
     import zipfile
 
     with zipfile.ZipFile(zipped, "w") as archive:
         archive.writestr("1.dcm", files[0])
-    assert handler._image(base64.b64encode(zipped.getvalue()).decode()) == zipped.getvalue()  # one zip: its bytes
+    assert (
+        handler.contract._image(base64.b64encode(zipped.getvalue()).decode()) == zipped.getvalue()
+    )  # one zip: its bytes
     for series, error_type in (([], "InvalidImageError"), (["AAAA", 7], "InvalidImageError")):
         with pytest.raises(Exception) as info:
-            handler._image(series)
+            handler.contract._image(series)
         assert type(info.value).__name__ == error_type
-    monkeypatch.setitem(type(handler)._image.__globals__, "MAX_SERIES_FILES", 2)
+    limits = handler.contract.limits
+    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(limits, max_series_files=2))
     with pytest.raises(Exception) as info:
-        handler._image(["AAAA"] * 3)
+        handler.contract._image(["AAAA"] * 3)
     assert type(info.value).__name__ == "PayloadTooLargeError"
-    monkeypatch.setitem(type(handler)._image.__globals__, "MAX_SERIES_BYTES", 100)
+    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(limits, max_series_bytes=100))
     with pytest.raises(Exception) as info:
-        handler._image(["A" * 100, "A" * 100])
+        handler.contract._image(["A" * 100, "A" * 100])
     assert type(info.value).__name__ == "ImageTooLargeError"
 
 
