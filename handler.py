@@ -48,7 +48,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -76,21 +76,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass(frozen=True)
-class EndpointLimits:
+class EndpointLimits(SimpleNamespace):
     """The caps of the request contract (one definition: the handler reads them from ``VMA_*`` variables, serve.py
-    from its flags, whose defaults are these)."""
+    from its flags, whose defaults are these). Not a dataclass: the toolkit imports this file by location, and
+    dataclasses with postponed annotations need the module registered in ``sys.modules``."""
 
-    max_inputs: int = 16
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_series_files: int = 512
-    max_series_bytes: int = 200 * 1024 * 1024
-    max_question_chars: int = 4000
-    max_new_tokens: int = 512
+    DEFAULTS = {
+        "max_inputs": 16,
+        "max_image_bytes": 10 * 1024 * 1024,
+        "max_series_files": 512,
+        "max_series_bytes": 200 * 1024 * 1024,
+        "max_question_chars": 4000,
+        "max_new_tokens": 512,
+    }
+
+    def __init__(self, **limits: int):
+        unknown = set(limits) - set(self.DEFAULTS)
+        if unknown:
+            raise TypeError(f"Unknown limit(s): {', '.join(sorted(unknown))}.")
+        super().__init__(**{name: int(limits.get(name, default)) for name, default in self.DEFAULTS.items()})
 
     @classmethod
     def from_environment(cls) -> EndpointLimits:
-        return cls(**{f.name: int(os.environ.get(f"VMA_{f.name.upper()}", f.default)) for f in fields(cls)})
+        return cls(**{name: os.environ.get(f"VMA_{name.upper()}", default) for name, default in cls.DEFAULTS.items()})
+
+    def replace(self, **changes: int) -> EndpointLimits:
+        return type(self)(**{**vars(self), **changes})
 
 
 class EndpointRequestError(Exception):
@@ -121,16 +132,13 @@ def endpoint_error(error: BaseException) -> EndpointRequestError:
     return EndpointRequestError("InternalError", INTERNAL_ERROR, 500)
 
 
-@dataclass
 class EndpointRequest:
     """A parsed request: ``items`` are pipeline requests (image decoded to bytes), or the error that refused one;
     ``parameters`` are the pipeline's keyword arguments; ``return_prompt`` is what the client asked for (the
     visual-question-answering shape needs the prompt for its score, so ``parameters`` always asks for it there)."""
 
-    shape: str
-    items: list
-    parameters: dict
-    return_prompt: bool
+    def __init__(self, shape: str, items: list, parameters: dict, return_prompt: bool):
+        self.shape, self.items, self.parameters, self.return_prompt = shape, items, parameters, return_prompt
 
 
 class EndpointContract:

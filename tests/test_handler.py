@@ -2,7 +2,6 @@
 the deserialised body. Over HTTP (the toolkit's app + huggingface_hub.InferenceClient): test_endpoint_server.py."""
 
 import base64
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -230,7 +229,7 @@ def test_bad_input_raises_a_typed_error_that_never_echoes_the_payload(handler, b
 
 
 def test_oversize_image_is_refused_before_decoding(handler, monkeypatch):
-    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(handler.contract.limits, max_image_bytes=1000))
+    monkeypatch.setattr(handler.contract, "limits", handler.contract.limits.replace(max_image_bytes=1000))
     error = _refused(handler, {"inputs": {"question": "Q", "image": "A" * 4000}})
     assert (error.http_status, error.error_type) == (413, "ImageTooLargeError") and "1000-byte" in error.message
     error = _refused(handler, {"inputs": b"A" * 4000, "parameters": {"question": "Q"}})
@@ -254,11 +253,11 @@ def test_a_series_is_decoded_to_one_bytes_object_per_file_with_caps(handler, mon
             handler.contract._image(series)
         assert type(info.value).__name__ == error_type
     limits = handler.contract.limits
-    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(limits, max_series_files=2))
+    monkeypatch.setattr(handler.contract, "limits", limits.replace(max_series_files=2))
     with pytest.raises(Exception) as info:
         handler.contract._image(["AAAA"] * 3)
     assert type(info.value).__name__ == "PayloadTooLargeError"
-    monkeypatch.setattr(handler.contract, "limits", dataclasses.replace(limits, max_series_bytes=100))
+    monkeypatch.setattr(handler.contract, "limits", limits.replace(max_series_bytes=100))
     with pytest.raises(Exception) as info:
         handler.contract._image(["A" * 100, "A" * 100])
     assert type(info.value).__name__ == "ImageTooLargeError"
