@@ -36,7 +36,9 @@ Bad input raises ``EndpointRequestError``; the toolkit answers any exception wit
 422 ...) for servers that map them. In a batch, bad items are marked in place (``{"error", "error_type",
 "status", "input_index"}``) and the others answered; a batch of only bad items raises.
 
-Only installed packages are imported: the error types are those of the bundle's own remote code.
+Only installed packages are imported: the error types are those of the bundle's own remote code. The contract
+itself (``EndpointContract``: shapes, items, caps, parameters, error mapping, partial-batch marking) needs no model:
+serve.py's ``POST /predict`` answers through it with the same records and errors.
 """
 
 from __future__ import annotations

@@ -408,6 +408,17 @@ def test_predict_answers_exactly_what_the_endpoint_handler_answers(server, endpo
         capped.status_code == 400
         and capped.json()["error"] == "Parameter max_new_tokens must be an integer from 1 to 400."
     )
+    # A body that cannot be read is refused with the contract's error record too (the handler never sees it).
+    unreadable = (
+        (b"{not json " + PHI_MARKER.encode(), 400, "InputError"),
+        (b"x" * 3_000_100, 413, "PayloadTooLargeError"),
+    )
+    for content, status, expected_type in unreadable:
+        response = httpx.post(
+            f"{server['base']}/predict", content=content, headers={**_auth(), "content-type": "application/json"}
+        )
+        assert response.status_code == status and PHI_MARKER not in response.text
+        assert response.json()["error_type"] == expected_type and response.json()["status"] == status
 
 
 # ---------------------------------------------------------------------------------------------------- load
