@@ -306,3 +306,27 @@ def test_a_batch_that_fails_in_every_item_is_refused_not_a_200(handler, monkeypa
     error = _refused(handler, {"inputs": ["What is a stroke?", "What is a fever?"]})
     assert (error.http_status, error.error_type) == (500, "InternalError") and "Every input" in error.message
     assert SECRET not in str(error)
+
+
+def test_the_contract_parses_without_a_pipeline_and_reads_its_caps_from_the_environment(monkeypatch):
+    """handler.EndpointContract needs only the error classes (serve.py's /predict passes the checkout's)."""
+    import handler as checkout_handler
+    import modeling_visual_med_alpaca
+
+    contract = checkout_handler.EndpointContract(modeling_visual_med_alpaca)
+    parsed = contract.parse({"inputs": ["Q?", {"question": "Q?", "image": "@@"}], "parameters": {"max_new_tokens": 3}})
+    assert (parsed.shape, parsed.parameters, parsed.return_prompt) == ("contract", {"max_new_tokens": 3}, False)
+    assert parsed.items[0] == {"question": "Q?"}
+    assert parsed.items[1].as_record(1) == {
+        "error": '"image" is not valid base64 (or a data: URI with base64 content).',
+        "error_type": "InvalidImageError",
+        "status": 422,
+        "input_index": 1,
+    }
+    with pytest.raises(modeling_visual_med_alpaca.UnknownParameterError):
+        contract.parse({"inputs": "Q?", "parameters": {"dtype": SECRET}})
+    monkeypatch.setenv("VMA_MAX_INPUTS", "2")
+    limits = checkout_handler.EndpointLimits.from_environment()
+    assert limits == checkout_handler.EndpointLimits(max_inputs=2) and limits.replace(max_inputs=16) == type(limits)()
+    with pytest.raises(modeling_visual_med_alpaca.PayloadTooLargeError):
+        checkout_handler.EndpointContract(modeling_visual_med_alpaca, limits).parse({"inputs": ["Q?"] * 3})
