@@ -617,7 +617,7 @@ class ChatAPI:
             except ProtocolError as error:  # the body cannot be read: the same types endpoint_server.py gives
                 error_type = "PayloadTooLargeError" if error.status == 413 else "InputError"
                 raise EndpointRequestError(error_type, error.message, error.status) from None
-            parsed = self.endpoint_contract.parse(body)
+            parsed = await asyncio.to_thread(self.endpoint_contract.parse, body)  # base64 decoding: off the loop
             parameters = dict(parsed.parameters)
             expert = parameters.pop("expert", None)
             return_prompt = bool(parameters.pop("return_prompt", False))
