@@ -54,6 +54,15 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
+import modeling_visual_med_alpaca  # noqa: E402  (the error classes the Endpoints contract raises)
+from handler import (  # noqa: E402  (one definition of the Endpoints request contract)
+    SHAPE_VQA,
+    EndpointContract,
+    EndpointLimits,
+    EndpointRequestError,
+    answer_score,
+    endpoint_error,
+)
 from openai_protocol import (  # noqa: E402
     ChatTurns,
     Limits,
@@ -63,7 +72,6 @@ from openai_protocol import (  # noqa: E402
     chat_to_turns,
     completion_id,
     cut_at_stop,
-    decode_base64_image,
     error_body,
     fetch_allowlisted_image,
     model_list,
@@ -74,19 +82,7 @@ from openai_protocol import (  # noqa: E402
 logger = logging.getLogger("visual_med_alpaca.serve")
 APP_NAME = "visual-med-alpaca"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-PREDICT_INPUT_KEYS = ("question", "image", "expert")
-# /predict parameters (the Endpoints handler's contract) and their checks.
-PREDICT_PARAMETERS = {
-    "expert": lambda v: v in ("radiology", "chart", "none"),
-    "return_prompt": lambda v: isinstance(v, bool),
-    "do_sample": lambda v: isinstance(v, bool),
-    "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "temperature": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
-    "top_p": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
-    "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1000,
-    "num_beams": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4,
-    "repetition_penalty": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
-}
+ENDPOINT_DEFAULTS = EndpointLimits()  # /predict: the Endpoints handler's contract and caps (handler.py)
 
 
 @dataclass
@@ -105,11 +101,13 @@ class ServeArguments:
     max_queued_requests: int = field(default=64, metadata={"help": "requests queued beyond that; more get 503"})
     retry_after_s: float = field(default=1.0, metadata={"help": "Retry-After of a 503 (overload)"})
     max_body_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "largest request body"})
-    max_image_bytes: int = field(default=10 * 1024 * 1024, metadata={"help": "largest encoded image"})
+    max_image_bytes: int = field(default=ENDPOINT_DEFAULTS.max_image_bytes, metadata={"help": "largest encoded image"})
     max_images: int = field(default=1, metadata={"help": "images per conversation (the model reads one)"})
-    max_question_chars: int = field(default=4000)
-    max_tokens: int = field(default=512, metadata={"help": "cap of a request's max_tokens"})
-    max_predict_inputs: int = field(default=16, metadata={"help": "inputs per /predict request"})
+    max_question_chars: int = field(default=ENDPOINT_DEFAULTS.max_question_chars)
+    max_tokens: int = field(
+        default=ENDPOINT_DEFAULTS.max_new_tokens, metadata={"help": "cap of a request's max_tokens / max_new_tokens"}
+    )
+    max_predict_inputs: int = field(default=ENDPOINT_DEFAULTS.max_inputs, metadata={"help": "inputs per /predict"})
     allowed_image_hosts: str = field(
         default="", metadata={"help": "comma-separated host[:port] list whose http(s) image URLs are fetched"}
     )
@@ -137,6 +135,15 @@ class ServeArguments:
             allowed_image_hosts=hosts,
         )
 
+    def endpoint_limits(self) -> EndpointLimits:
+        """/predict's caps: the handler's, with the limits these flags share (series caps are the handler's)."""
+        return EndpointLimits(
+            max_inputs=self.max_predict_inputs,
+            max_image_bytes=self.max_image_bytes,
+            max_question_chars=self.max_question_chars,
+            max_new_tokens=self.max_tokens,
+        )
+
 
 # ---------------------------------------------------------------------------------------------------- stages
 
@@ -158,12 +165,11 @@ def load_pipeline(bundle: str, revision: str | None, intermediate_cache_size: in
 
 
 def failure(error: BaseException) -> dict:
-    """A stage's error as data (raised errors would cross Ray with their traceback): typed errors keep their
-    message (which never holds the payload) and status; anything else is logged by type only."""
-    if any(cls.__name__ == "VisualMedAlpacaError" for cls in type(error).__mro__):
-        return {"error": {"status": error.http_status, "message": str(error), "type": type(error).__name__}}
-    logger.error("Unexpected %s while answering a request.", type(error).__name__)
-    return {"error": {"status": 500, "message": "Internal error while answering; try again.", "type": "InternalError"}}
+    """A stage's error as data (raised errors would cross Ray with their traceback), mapped as the Endpoints handler
+    maps it: typed errors keep their message (which never holds the payload) and status; anything else is an
+    ``InternalError`` logged by type only."""
+    mapped = endpoint_error(error)
+    return {"error": {"status": mapped.http_status, "message": mapped.message, "type": mapped.error_type}}
 
 
 class _BatchedStage:
@@ -287,9 +293,11 @@ class LanguageStage(_BatchedStage):
         return kwargs
 
     def _finish(self, item: dict, record: dict) -> dict:
-        """Stop sequences, usage and finish_reason for one answer record."""
+        """Stop sequences, usage and finish_reason for one answer record (and the answer's score on request: the
+        visual-question-answering shape of /predict)."""
         answer, cut = cut_at_stop(record["answer"], item.get("stop") or [])
         record = dict(record, answer=answer)
+        score = answer_score(self.pipeline, record) if item.get("score") else None
         prompt = record["prompt"] if item.get("return_prompt") else record.pop("prompt")
         tokenizer = self.pipeline.tokenizer
         prompt_tokens = len(tokenizer(prompt)["input_ids"])
@@ -297,7 +305,10 @@ class LanguageStage(_BatchedStage):
         # The answer re-tokenised (the pipeline returns text); never more than were generated.
         completion_tokens = min(limit, len(tokenizer(record["answer"], add_special_tokens=False)["input_ids"]))
         finish_reason = "length" if not cut and completion_tokens >= limit else "stop"
-        return {"record": record, "usage": usage(prompt_tokens, completion_tokens), "finish_reason": finish_reason}
+        result = {"record": record, "usage": usage(prompt_tokens, completion_tokens), "finish_reason": finish_reason}
+        if item.get("score"):
+            result["score"] = score
+        return result
 
     async def stream(self, item: dict):
         """Yields answer pieces (``str``) as they are generated, then ``{"record", "usage", "finish_reason"}``.
@@ -383,6 +394,7 @@ class ChatAPI:
         self.language = language
         self.settings = ServeArguments(**settings)
         self.limits = self.settings.limits()
+        self.endpoint_contract = EndpointContract(modeling_visual_med_alpaca, self.settings.endpoint_limits())
         self.model_id = self.settings.model_name or Path(self.settings.bundle.rstrip("/")).name
         self.created = int(time.time())
         self.api_key = os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
@@ -596,92 +608,52 @@ class ChatAPI:
     # -------------------------------------------------------------- /predict (Endpoints handler contract)
 
     async def _predict(self, request: Request):
+        """The Endpoints handler's contract (handler.EndpointContract: shapes, items, caps, parameters, error
+        mapping, bad items of a batch marked in place) with the answers from the two stages. Refusals are the
+        contract's error record ``{"error", "error_type", "status"}`` with ``status`` as the HTTP status."""
         try:
-            items, parameters = self._predict_inputs(await self._json_body(request))
-        except ProtocolError as error:
-            return JSONResponse(
-                {"error": error.message, "error_type": "InputError", "status": error.status}, error.status
-            )
-        return_prompt = bool(parameters.pop("return_prompt", False))
-        expert = parameters.pop("expert", None)
-        generation = dict(parameters)
-        if generation.get("max_new_tokens", 0) > self.limits.max_tokens:
-            return JSONResponse(
-                {
-                    "error": f"max_new_tokens must be at most {self.limits.max_tokens}.",
-                    "error_type": "InputError",
-                    "status": 400,
-                },
-                400,
-            )
+            try:
+                body = await self._json_body(request)
+            except ProtocolError as error:  # the body cannot be read: the same types endpoint_server.py gives
+                error_type = "PayloadTooLargeError" if error.status == 413 else "InputError"
+                raise EndpointRequestError(error_type, error.message, error.status) from None
+            parsed = await asyncio.to_thread(self.endpoint_contract.parse, body)  # base64 decoding: off the loop
+            parameters = dict(parsed.parameters)
+            expert = parameters.pop("expert", None)
+            return_prompt = bool(parameters.pop("return_prompt", False))
+            scored = parsed.shape == SHAPE_VQA
+            scores: dict[int, float | None] = {}
 
-        async def one(item: dict) -> dict:
-            chosen = item.get("expert") or expert
-            described = await self._describe(item.get("image"), chosen)
-            answered = await self.language.answer.remote(
-                {
-                    "request": self._language_request(item["question"], [], described, chosen),
-                    "generation": generation,
-                    "seed": None,
-                    "stop": [],
-                    "return_prompt": return_prompt,
-                }
-            )
-            if "error" in answered:
-                raise StageError(answered["error"])
-            return self._record(described, answered["record"], [])
+            async def answer(index: int, item: dict | EndpointRequestError) -> dict | EndpointRequestError:
+                if isinstance(item, EndpointRequestError):
+                    return item
+                chosen = item.get("expert") or expert
+                try:
+                    described = await self._describe(item.get("image"), chosen)
+                    answered = await self.language.answer.remote(
+                        {
+                            "request": self._language_request(item["question"], [], described, chosen),
+                            "generation": parameters,
+                            "seed": None,
+                            "stop": [],
+                            "return_prompt": return_prompt,
+                            "score": scored,
+                        }
+                    )
+                    if "error" in answered:
+                        raise StageError(answered["error"])
+                except StageError as error:
+                    return EndpointRequestError(error.error["type"], error.error["message"], int(error.error["status"]))
+                scores[index] = answered.get("score")
+                return self._record(described, answered["record"], [])
 
-        try:
-            return await asyncio.gather(*(one(item) for item in items))
-        except StageError as error:
-            status = int(error.error["status"])
-            body = {"error": error.error["message"], "error_type": error.error["type"], "status": status}
-            return JSONResponse(body, status)
-
-    def _predict_inputs(self, data: Any) -> tuple[list[dict], dict]:
-        if not isinstance(data, dict) or "inputs" not in data:
-            raise ProtocolError(
-                400, 'The request body must be a JSON object with "inputs" (and optionally "parameters").'
-            )
-        if set(data) - {"inputs", "parameters"}:
-            raise ProtocolError(400, "Unknown top-level key(s): use inputs and parameters.")
-        inputs = data["inputs"]
-        items = inputs if isinstance(inputs, list) else [inputs]
-        if not items:
-            raise ProtocolError(400, '"inputs" is an empty list: send at least one question.')
-        if len(items) > self.settings.max_predict_inputs:
-            raise ProtocolError(413, f"At most {self.settings.max_predict_inputs} inputs per request; split the batch.")
-        requests = []
-        for item in items:
-            if isinstance(item, str):
-                item = {"question": item}
-            if not isinstance(item, dict) or set(item) - set(PREDICT_INPUT_KEYS):
-                raise ProtocolError(
-                    400, 'Each input must be {"question": ..., "image": ..., "expert": ...} or a string.'
-                )
-            question = item.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise ProtocolError(400, 'Each input needs a non-empty "question" string.')
-            if len(question) > self.limits.max_question_chars:
-                raise ProtocolError(413, f"The question is longer than {self.limits.max_question_chars} characters.")
-            if item.get("expert") not in (None, "radiology", "chart", "none"):
-                raise ProtocolError(400, '"expert" must be one of radiology, chart, none.')
-            image = item.get("image")
-            if image is not None:
-                if not isinstance(image, str):
-                    raise ProtocolError(400, '"image" must be a base64 string or a data: URI.')
-                image = decode_base64_image(image.split(",", 1)[1] if image.startswith("data:") else image, self.limits)
-            requests.append({"question": question, "image": image, "expert": item.get("expert")})
-        parameters = data.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise ProtocolError(400, '"parameters" must be a JSON object.')
-        for name, value in parameters.items():
-            check = PREDICT_PARAMETERS.get(name)
-            if check is None:
-                raise ProtocolError(400, f"Unknown parameter; accepted: {', '.join(sorted(PREDICT_PARAMETERS))}.")
-            if not check(value):
-                raise ProtocolError(400, f"Parameter {name} has an invalid value.")
-        return requests, dict(parameters)
+            outcomes = await asyncio.gather(*(answer(index, item) for index, item in enumerate(parsed.items)))
+            return self.endpoint_contract.respond(parsed, list(outcomes), lambda _record: scores.get(0))
+        except BackPressureError:
+            raise
+        except Exception as error:
+            refused = self.endpoint_contract.error(error)
+            return JSONResponse(refused.as_record(), refused.http_status)
 
 
 # ---------------------------------------------------------------------------------------------------- application

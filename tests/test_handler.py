@@ -140,7 +140,7 @@ def test_raw_dicom_bytes_equal_base64_dicom(handler):
 
 def test_query_string_numbers_arrive_as_text_and_are_accepted(handler):
     """?temperature=0.7 reaches the handler as the string "0.7" (the toolkit converts digits and true/false only)."""
-    checked = handler._parameters({"temperature": "0.7", "top_p": "1", "max_new_tokens": 4}, "contract")
+    checked = handler.contract._parameters({"temperature": "0.7", "top_p": "1", "max_new_tokens": 4}, "contract")
     assert checked == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 4}
     for bad in ("hot", "nan", "inf", "-1"):
         error = _refused(handler, {"inputs": "Q", "parameters": {"temperature": bad}})
@@ -229,7 +229,7 @@ def test_bad_input_raises_a_typed_error_that_never_echoes_the_payload(handler, b
 
 
 def test_oversize_image_is_refused_before_decoding(handler, monkeypatch):
-    monkeypatch.setitem(type(handler)._base64.__globals__, "MAX_IMAGE_BYTES", 1000)  # the module's globals
+    monkeypatch.setattr(handler.contract, "limits", handler.contract.limits.replace(max_image_bytes=1000))
     error = _refused(handler, {"inputs": {"question": "Q", "image": "A" * 4000}})
     assert (error.http_status, error.error_type) == (413, "ImageTooLargeError") and "1000-byte" in error.message
     error = _refused(handler, {"inputs": b"A" * 4000, "parameters": {"question": "Q"}})
@@ -239,24 +239,27 @@ def test_oversize_image_is_refused_before_decoding(handler, monkeypatch):
 def test_a_series_is_decoded_to_one_bytes_object_per_file_with_caps(handler, monkeypatch):
     """ "image" as a list of base64 DICOM files (a series) reaches the pipeline as a list of bytes."""
     files = [CT_SMALL.read_bytes(), CT_SMALL.read_bytes()[:-10]]
-    assert handler._image([base64.b64encode(f).decode() for f in files]) == files
+    assert handler.contract._image([base64.b64encode(f).decode() for f in files]) == files
     zipped = io.BytesIO()
     import zipfile
 
     with zipfile.ZipFile(zipped, "w") as archive:
         archive.writestr("1.dcm", files[0])
-    assert handler._image(base64.b64encode(zipped.getvalue()).decode()) == zipped.getvalue()  # one zip: its bytes
+    assert (
+        handler.contract._image(base64.b64encode(zipped.getvalue()).decode()) == zipped.getvalue()
+    )  # one zip: its bytes
     for series, error_type in (([], "InvalidImageError"), (["AAAA", 7], "InvalidImageError")):
         with pytest.raises(Exception) as info:
-            handler._image(series)
+            handler.contract._image(series)
         assert type(info.value).__name__ == error_type
-    monkeypatch.setitem(type(handler)._image.__globals__, "MAX_SERIES_FILES", 2)
+    limits = handler.contract.limits
+    monkeypatch.setattr(handler.contract, "limits", limits.replace(max_series_files=2))
     with pytest.raises(Exception) as info:
-        handler._image(["AAAA"] * 3)
+        handler.contract._image(["AAAA"] * 3)
     assert type(info.value).__name__ == "PayloadTooLargeError"
-    monkeypatch.setitem(type(handler)._image.__globals__, "MAX_SERIES_BYTES", 100)
+    monkeypatch.setattr(handler.contract, "limits", limits.replace(max_series_bytes=100))
     with pytest.raises(Exception) as info:
-        handler._image(["A" * 100, "A" * 100])
+        handler.contract._image(["A" * 100, "A" * 100])
     assert type(info.value).__name__ == "ImageTooLargeError"
 
 
@@ -303,3 +306,27 @@ def test_a_batch_that_fails_in_every_item_is_refused_not_a_200(handler, monkeypa
     error = _refused(handler, {"inputs": ["What is a stroke?", "What is a fever?"]})
     assert (error.http_status, error.error_type) == (500, "InternalError") and "Every input" in error.message
     assert SECRET not in str(error)
+
+
+def test_the_contract_parses_without_a_pipeline_and_reads_its_caps_from_the_environment(monkeypatch):
+    """handler.EndpointContract needs only the error classes (serve.py's /predict passes the checkout's)."""
+    import handler as checkout_handler
+    import modeling_visual_med_alpaca
+
+    contract = checkout_handler.EndpointContract(modeling_visual_med_alpaca)
+    parsed = contract.parse({"inputs": ["Q?", {"question": "Q?", "image": "@@"}], "parameters": {"max_new_tokens": 3}})
+    assert (parsed.shape, parsed.parameters, parsed.return_prompt) == ("contract", {"max_new_tokens": 3}, False)
+    assert parsed.items[0] == {"question": "Q?"}
+    assert parsed.items[1].as_record(1) == {
+        "error": '"image" is not valid base64 (or a data: URI with base64 content).',
+        "error_type": "InvalidImageError",
+        "status": 422,
+        "input_index": 1,
+    }
+    with pytest.raises(modeling_visual_med_alpaca.UnknownParameterError):
+        contract.parse({"inputs": "Q?", "parameters": {"dtype": SECRET}})
+    monkeypatch.setenv("VMA_MAX_INPUTS", "2")
+    limits = checkout_handler.EndpointLimits.from_environment()
+    assert limits == checkout_handler.EndpointLimits(max_inputs=2) and limits.replace(max_inputs=16) == type(limits)()
+    with pytest.raises(modeling_visual_med_alpaca.PayloadTooLargeError):
+        checkout_handler.EndpointContract(modeling_visual_med_alpaca, limits).parse({"inputs": ["Q?"] * 3})

@@ -329,22 +329,96 @@ def test_every_error_class_is_an_openai_error_without_the_payload(server, client
         assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_predict_takes_the_endpoint_handlers_contract(server, vqa, radiology_images):
+def _handler_answer(endpoint_handler, body) -> tuple[int, object]:
+    """(HTTP status, JSON body) of the Endpoints handler for ``body``: its records with 200, or the status and
+    error record its ``EndpointRequestError`` carries (what /predict sends for a refusal)."""
+    try:
+        return 200, json.loads(json.dumps(endpoint_handler(json.loads(json.dumps(body)))))
+    except Exception as error:
+        assert type(error).__name__ == "EndpointRequestError"
+        return error.http_status, error.as_record()
+
+
+def _comparable(answer):
+    """Records minus ``intermediate_cached``: True when this process's pipeline had read the image before, which
+    differs between the handler (shared by the test session) and the server's expert stage. ``score`` (the VQA
+    shape) is compared separately, to float tolerance: it comes from a separate forward pass in each process."""
+    if not isinstance(answer, list):
+        return answer
+    return [{k: v for k, v in record.items() if k not in ("intermediate_cached", "score")} for record in answer]
+
+
+def test_predict_answers_exactly_what_the_endpoint_handler_answers(server, endpoint_handler, radiology_images):
+    """One contract (handler.EndpointContract): the same body gives the same records, the same marking of a bad
+    item in a batch, the same error records and statuses, and the same caps, over /predict and the handler."""
+    from series_factory import SECRET_NAME, series_slices, to_bytes
+
     image = base64.b64encode(radiology_images[0].read_bytes()).decode()
-    body = {
-        "inputs": [{"image": image, "question": QUESTION}, "What is a stroke?"],
-        "parameters": {"max_new_tokens": 4},
+    series = [base64.b64encode(to_bytes(dataset)).decode() for dataset in series_slices(3)]
+    short = {"max_new_tokens": 4}
+    bodies = {
+        "good batch": {"inputs": [{"image": image, "question": QUESTION}, "What is a stroke?"], "parameters": short},
+        "one bad item": {
+            "inputs": ["What is a stroke?", {"image": f"@@{PHI_MARKER}", "question": QUESTION}, {"question": ""}],
+            "parameters": short,
+        },
+        "series": {"inputs": {"image": series, "question": "Which organ?"}, "parameters": short},
+        "vqa client": {"inputs": image, "image": image, "question": QUESTION, "parameters": {"top_k": 1, **short}},
+        "unknown key": {"inputs": "What is a stroke?", PHI_MARKER: 1},
+        "unknown parameter": {"inputs": "What is a stroke?", "parameters": {"dtype": PHI_MARKER}},
+        "every item bad": {"inputs": [{"question": ""}, 7]},
+        "over the input cap": {"inputs": ["Q?"] * 17},
+        "bad parameter value": {"inputs": "Q?", "parameters": {"num_beams": 9}},
     }
-    response = httpx.post(f"{server['base']}/predict", json=body, headers=_auth(), timeout=60)
-    assert response.status_code == 200
-    records = response.json()
-    expected = vqa([{"image": str(radiology_images[0]), "question": QUESTION}, "What is a stroke?"], max_new_tokens=4)
-    assert [r["answer"] for r in records] == [r["answer"] for r in expected]
-    assert all(set(r) == RECORD_KEYS for r in records)
-    bad = httpx.post(f"{server['base']}/predict", json={"inputs": {"question": "Q", "image": "@@"}}, headers=_auth())
-    assert bad.status_code == 400 and set(bad.json()) == {"error", "error_type", "status"}
-    unknown = httpx.post(f"{server['base']}/predict", json={"inputs": "Q", "parameters": {"dtype": 1}}, headers=_auth())
-    assert unknown.status_code == 400 and unknown.json()["status"] == 400
+    answers = {}
+    for name, body in bodies.items():
+        response = httpx.post(f"{server['base']}/predict", json=body, headers=_auth(), timeout=120)
+        expected_status, expected = _handler_answer(endpoint_handler, body)
+        assert response.status_code == expected_status, name
+        assert _comparable(response.json()) == _comparable(expected), name
+        assert PHI_MARKER not in response.text and SECRET_NAME not in response.text, name
+        answers[name] = (response.json(), expected)
+    served, handled = answers["good batch"]
+    assert all(set(record) == RECORD_KEYS for record in served) and served[0]["expert"] == "radiology"
+    served, _ = answers["one bad item"]
+    assert served[0]["answer"] and set(served[1]) == {"error", "error_type", "status", "input_index"}
+    assert (served[1]["error_type"], served[1]["status"], served[2]["input_index"]) == ("InvalidImageError", 422, 2)
+    served, _ = answers["series"]
+    assert served[0]["image_metadata"]["modality"] == "CT"
+    served, handled = answers["vqa client"]
+    assert served[0]["score"] == pytest.approx(handled[0]["score"], rel=1e-4) and 0 < served[0]["score"] <= 1
+    statuses = {name: answers[name][0].get("status") for name in bodies if isinstance(answers[name][0], dict)}
+    assert statuses == {
+        "unknown key": 400,
+        "unknown parameter": 400,
+        "every item bad": 400,
+        "over the input cap": 413,
+        "bad parameter value": 400,
+    }
+    # The caps are the handler's EndpointLimits; serve.py's flags set those they share (defaults equal), and the
+    # contract applies them: this server runs with --max_tokens 400.
+    from handler import EndpointLimits
+    from serve import ServeArguments
+
+    assert ServeArguments().endpoint_limits() == EndpointLimits()
+    capped = httpx.post(
+        f"{server['base']}/predict", json={"inputs": "Q?", "parameters": {"max_new_tokens": 401}}, headers=_auth()
+    )
+    assert (
+        capped.status_code == 400
+        and capped.json()["error"] == "Parameter max_new_tokens must be an integer from 1 to 400."
+    )
+    # A body that cannot be read is refused with the contract's error record too (the handler never sees it).
+    unreadable = (
+        (b"{not json " + PHI_MARKER.encode(), 400, "InputError"),
+        (b"x" * 3_000_100, 413, "PayloadTooLargeError"),
+    )
+    for content, status, expected_type in unreadable:
+        response = httpx.post(
+            f"{server['base']}/predict", content=content, headers={**_auth(), "content-type": "application/json"}
+        )
+        assert response.status_code == status and PHI_MARKER not in response.text
+        assert response.json()["error_type"] == expected_type and response.json()["status"] == status
 
 
 # ---------------------------------------------------------------------------------------------------- load
