@@ -86,13 +86,16 @@ def server(bundle_dir, image_host):
     ray_dir = tempfile.mkdtemp(prefix="vma-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = Path(ray_dir) / "server-stdout.log"
     env = dict(os.environ, VMA_TEST_API_KEY=API_KEY, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # Ray Serve gives its HTTP proxy 5 s to get ready and 10 s per health check (ray/serve/_private/constants.py);
+    # on a shared 2-core CI machine under load that marks a healthy proxy dead and stops the app.
+    env.update(RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60", RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="60")
     command = [
         sys.executable,
         str(REPO_ROOT / "serve.py"),
         *("--bundle", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port)),
         *("--api_key_env", "VMA_TEST_API_KEY", "--allowed_image_hosts", image_host),
         *("--max_batch_size", "8", "--batch_wait_timeout_s", "0.2"),
-        *("--max_ongoing_requests", "8", "--max_queued_requests", "4", "--retry_after_s", "2"),
+        *("--max_ongoing_requests", "8", "--max_queued_requests", "8", "--retry_after_s", "2"),
         *("--max_body_bytes", "3000000", "--max_question_chars", "500", "--max_tokens", "400"),
         *("--num_cpus", "2", "--ray_temp_dir", ray_dir),
     ]
@@ -437,9 +440,12 @@ def test_concurrent_burst_is_batched_and_equals_one_at_a_time(server, client, mo
         [image_message(data_uri(radiology_images[i % 4]), text=f"Question {i}: what is seen?")] for i in range(8)
     ]
     alone = [ask(client, model_id, messages) for messages in requests]
+    # Ray Serve counts requests still waiting for a replica as queued (ray/serve/_private/router.py), so on a busy
+    # machine a burst can meet a 503 although there is room: the client retries after Retry-After, as clients do.
+    patient = openai.OpenAI(base_url=f"{server['base']}/v1", api_key=API_KEY, max_retries=3, timeout=120)
     before = _stats(server)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        together = list(pool.map(lambda messages: ask(client, model_id, messages), requests))
+        together = list(pool.map(lambda messages: ask(patient, model_id, messages), requests))
     after = _stats(server)
     assert [c.choices[0].message.content for c in together] == [c.choices[0].message.content for c in alone]
     assert [record_of(c)["intermediate_text"] for c in together] == [record_of(c)["intermediate_text"] for c in alone]
