@@ -1002,7 +1002,8 @@ def _normalise_request(request, known_experts) -> dict:
     unknown = sorted(set(request) - INPUT_KEYS)
     if unknown:
         raise UnknownParameterError(
-            f"Unknown input key(s): {', '.join(unknown)}. Accepted keys: {', '.join(sorted(INPUT_KEYS))}."
+            # Counted, not named: an input's keys are data (a batch file's row), and data is never echoed.
+            f"An input has {len(unknown)} unknown key(s). Accepted keys: {', '.join(sorted(INPUT_KEYS))}."
         )
     question = request.get("question")
     if not isinstance(question, str) or not question.strip():

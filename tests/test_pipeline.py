@@ -158,7 +158,7 @@ def test_template_markers_in_question_are_neutralised(vqa):
     [
         ({"image": None}, MissingQuestionError, "question"),
         ({"question": "   "}, MissingQuestionError, "question"),
-        ({"question": "Q", "colour": "red"}, UnknownParameterError, "colour"),
+        ({"question": "Q", "colour": "red"}, UnknownParameterError, "1 unknown key"),
         ({"question": "Q", "expert": "dermatology"}, UnknownParameterError, "expert"),
         (42, InputError, "dict"),
     ],
@@ -166,6 +166,13 @@ def test_template_markers_in_question_are_neutralised(vqa):
 def test_bad_requests_raise_typed_errors(vqa, request_, error, words):
     with raises_typed(error, match=words):
         vqa(request_)
+
+
+def test_unknown_input_keys_are_counted_not_echoed(vqa):
+    with raises_typed(UnknownParameterError) as raised:
+        vqa({"question": "Q", "<b>patient Jane Roe</b>": 1, "mrn_4711": 2})
+    assert "2 unknown key(s)" in str(raised.value)
+    assert "Jane Roe" not in str(raised.value) and "mrn_4711" not in str(raised.value)
 
 
 def test_unreadable_image_does_not_echo_the_payload(vqa, tmp_path):
