@@ -1,6 +1,8 @@
 """Shared fixtures: one tiny bundle of the real architectures per test session, saved to disk."""
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +77,16 @@ def chart_vqa(chart_bundle_dir):
     from transformers import pipeline
 
     return pipeline(model=str(chart_bundle_dir), trust_remote_code=True)
+
+
+def run_outside_checkout(script: str, tmp_path: Path) -> dict:
+    """Run ``script`` in a fresh Python that cannot import the checkout (a user's machine: remote code comes from
+    the bundle, into a modules cache of its own) and return the JSON object its last output line holds."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -5,11 +5,8 @@ Series are synthesised from pydicom's own CT/MR test files (read from disk insid
 
 import io
 import json
-import os
 import random
 import struct
-import subprocess
-import sys
 import textwrap
 import time
 import zipfile
@@ -17,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_outside_checkout
 from series_factory import (
     PYDICOM_FILES,
     SECRET_ID,
@@ -452,14 +450,7 @@ def test_a_published_bundle_reads_series_in_a_fresh_process(bundle_dir, ct_serie
         print(json.dumps({{"record": record, "series_module": loader.__module__}}))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    payload = run_outside_checkout(script, tmp_path)
     assert payload["series_module"].startswith("transformers_modules.") and payload["series_module"].endswith(
         "medical_series"
     )

@@ -1,14 +1,12 @@
 """The visual-med-alpaca pipeline, loaded from a saved tiny bundle through trust_remote_code."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_outside_checkout
 from PIL import Image
 
 from modeling_visual_med_alpaca import (
@@ -70,14 +68,7 @@ def test_fresh_process_loads_remote_code_outside_the_checkout(bundle_dir, radiol
         print(json.dumps({{"record": record, "module": type(vqa).__module__}}))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    payload = run_outside_checkout(script, tmp_path)
     assert payload["module"].startswith("transformers_modules.")
     assert set(payload["record"]) == RECORD_KEYS
     assert payload["record"]["expert"] == "radiology"
