@@ -402,19 +402,29 @@ class EndpointHandler:
 
     def _run(self, requests: list[dict], parameters: dict) -> list:
         """Records for the requests as one batch; if the batch fails, one at a time, so a bad item is only marked."""
-        try:
-            records = self.pipeline(requests, batch_size=len(requests), **parameters)
+
+        def answer(batch: list[dict]) -> list:
+            records = self.pipeline(batch, batch_size=len(batch), **parameters)
             return records if isinstance(records, list) else [records]
+
+        return each_alone_on_failure(answer, requests, endpoint_error)
+
+
+def each_alone_on_failure(function, items: list, on_error) -> list:
+    """``function(items)`` as one batch; if it raises, each item alone, so one bad item does not fail its
+    batch-mates: a failed item's outcome is ``on_error(error)``. (Shared with serve.py's batched stages.)"""
+    try:
+        return function(items)
+    except Exception as error:
+        if len(items) == 1:
+            return [on_error(error)]
+    outcomes = []
+    for item in items:
+        try:
+            outcomes.extend(function([item]))
         except Exception as error:
-            if len(requests) == 1:
-                return [endpoint_error(error)]
-        outcomes = []
-        for request in requests:
-            try:
-                outcomes.append(self.pipeline(request, **parameters))
-            except Exception as error:
-                outcomes.append(endpoint_error(error))
-        return outcomes
+            outcomes.append(on_error(error))
+    return outcomes
 
 
 def _decimal(text: str) -> float | str:

@@ -61,6 +61,7 @@ from handler import (  # noqa: E402  (one definition of the Endpoints request co
     EndpointLimits,
     EndpointRequestError,
     answer_score,
+    each_alone_on_failure,
     endpoint_error,
 )
 from openai_protocol import (  # noqa: E402
@@ -200,24 +201,8 @@ class _BatchedStage:
     async def _run_batch(self, function, items: list) -> list:
         self.batch_sizes.append(len(items))
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._per_item_on_failure, function, items
+            self.executor, each_alone_on_failure, function, items, failure
         )
-
-    @staticmethod
-    def _per_item_on_failure(function, items: list) -> list:
-        """One batched call; if it fails, each item alone, so one bad request does not fail its batch-mates."""
-        try:
-            return function(items)
-        except Exception as error:
-            if len(items) == 1:
-                return [failure(error)]
-        results = []
-        for item in items:
-            try:
-                results.extend(function([item]))
-            except Exception as error:
-                results.append(failure(error))
-        return results
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
